@@ -1,0 +1,243 @@
+"""The paper's experiments, returning tidy pandas DataFrames.
+
+>>> lm = tvlab.load_model()
+>>> run = tvlab.run_task(lm, "antonyms", tvlab.ExperimentConfig(n_test=20, n_dev=20))
+>>> run.summary          # one row: baseline, icl, task_vector, best_layer
+>>> run.by_layer         # dev accuracy of the task vector at every layer
+
+The protocol (Hendel et al. 2023, section 3 and the official code):
+
+* **ICL**: demonstrations S and query x in one prompt; the first predicted token is scored.
+* **Baseline**: the zero-shot prompt for x alone.
+* **Task vector**: θ(S) is the hidden state at the last token (the arrow) of the prompt
+  S + x', where x' is a *dummy query* (another input of the task), averaged over 2 dummies,
+  read at every layer. It is written over the last-token hidden state of the zero-shot
+  prompt for x at layer L; the model's first predicted token is scored.
+* **Layer choice**: task-vector accuracy at every layer on dev sets; the best dev layer
+  is used on independent test sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from .engine import ForwardStats, predict_last
+from .models import LanguageModel
+from .prompts import FilterReport, PromptFormat, PromptSet, get_format, sample_sets, single_token_filter, tokenize
+from .tasks import Pair, Task, get_task
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of an experiment; defaults follow the paper's protocol."""
+
+    n_demos: int = 5
+    n_test: int = 50
+    n_dev: int = 50
+    n_baseline: int = 100
+    n_dummies: int = 2
+    seed: int = 41
+    format: str = "paper"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("n_test", "n_dev", "n_baseline", "n_dummies", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if not isinstance(self.n_demos, int) or self.n_demos < 0:
+            raise ValueError(f"n_demos must be a whole number >= 0, got {self.n_demos!r}.")
+        from .prompts import FORMATS
+
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown prompt format {self.format!r}; choose one of {', '.join(FORMATS)}.")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_format(lm: LanguageModel, config: ExperimentConfig) -> PromptFormat:
+    """The config's format, with the model's prompt prefix (a newline when it has no BOS token)."""
+    return get_format(config.format).with_prefix(lm.prompt_prefix)
+
+
+def prepare_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig) -> tuple[Task, FilterReport]:
+    """Resolve a task and keep the pairs whose answer is one token for this model."""
+    task = task if isinstance(task, Task) else get_task(task)
+    need = config.n_demos + 1 + config.n_dummies
+    return single_token_filter(task, lm.tokenizer, prompt_format(lm, config), min_pairs=need)
+
+
+def decode_token(lm: LanguageModel, token_id: int) -> str:
+    return lm.tokenizer.decode([int(token_id)])
+
+
+def _check_context(lm: LanguageModel, prompts: Sequence[Sequence[int]]) -> None:
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit and longest > limit:
+        raise ValueError(f"a prompt has {longest} tokens but {lm.name} takes at most {limit}: use fewer demonstrations.")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: PromptFormat, *, with_icl: bool = True,
+                         batch_size: int = 64, stats: ForwardStats | None = None) -> tuple[list[int] | None, torch.Tensor]:
+    """ICL predictions (token ids) and task vectors θ(S) ``[n_sets, n_layers, d_model]``.
+
+    One forward pass per set, shared: the demonstrations run once, then the ICL query
+    and each dummy query run on their cache. θ is the mean over the dummy prompts of the
+    last-token hidden state at every layer.
+    """
+    if any(len(s.dummies) == 0 for s in sets):
+        raise ValueError("extracting a task vector needs at least one dummy query per set (n_dummies >= 1).")
+    prompts, groups, role = [], [], []
+    for k, s in enumerate(sets):
+        queries = ([("icl", s.query)] if with_icl else []) + [("dummy", d) for d in s.dummies]
+        for what, q in queries:
+            prompts.append(tokenize(lm.tokenizer, fmt, s.demos, q.input).ids)
+            groups.append(k)
+            role.append(what)
+    _check_context(lm, prompts)
+    out = predict_last(lm, prompts, groups=groups, read=True, batch_size=batch_size, stats=stats)
+    thetas = torch.zeros(len(sets), lm.n_layers, lm.d_model)
+    counts = torch.zeros(len(sets))
+    icl = [0] * len(sets)
+    for row, (k, what) in enumerate(zip(groups, role)):
+        if what == "icl":
+            icl[k] = int(out.top_ids[row])
+        else:
+            thetas[k] += out.hidden[row]
+            counts[k] += 1
+    return (icl if with_icl else None), thetas / counts[:, None, None]
+
+
+def extract_task_vector(lm: LanguageModel, demos: Sequence[Pair], dummies: Sequence[Pair], layer: int,
+                        fmt: PromptFormat | str = "paper") -> torch.Tensor:
+    """θ(S) at ``layer`` from demonstrations S and dummy queries: ``[d_model]``."""
+    lm.check_layer(layer)
+    fmt = get_format(fmt).with_prefix(lm.prompt_prefix)
+    _, thetas = icl_and_task_vectors(lm, [PromptSet(tuple(demos), dummies[0], tuple(dummies))], fmt, with_icl=False)
+    return thetas[0, layer]
+
+
+def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, *,
+                          thetas: torch.Tensor | None = None, layers: Sequence[int] | None = None,
+                          batch_size: int = 64, stats: ForwardStats | None = None) -> torch.Tensor:
+    """Predicted token ids for zero-shot prompts, plain or patched.
+
+    Without ``thetas``: ``[n_queries]``, the baseline. With ``thetas`` ``[n_queries,
+    n_layers, d_model]`` and ``layers``: ``[n_queries, len(layers)]``, query i patched at
+    each layer with its own θ. All copies of a query share everything but the last token.
+    """
+    base = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
+    if thetas is None:
+        return predict_last(lm, base, batch_size=batch_size, stats=stats).top_ids
+    layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(layer) for layer in layers]
+    prompts, groups, patches = [], [], []
+    for i, ids in enumerate(base):
+        for layer in layers:
+            prompts.append(ids)
+            groups.append(i)
+            patches.append((layer, thetas[i, layer]))
+    out = predict_last(lm, prompts, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
+    return out.top_ids.view(len(queries), len(layers))
+
+
+# --------------------------------------------------------------------------- one task, end to end
+
+@dataclass
+class TaskRun:
+    """Everything one task's run produced. ``predictions`` is the source of every number."""
+
+    task: str
+    category: str
+    predictions: pd.DataFrame      # one row per scored prediction
+    filter_report: FilterReport
+    best_layer: int
+    config: ExperimentConfig
+    stats: ForwardStats = field(default_factory=ForwardStats)
+
+    @property
+    def by_layer(self) -> pd.DataFrame:
+        return layer_accuracy(self.predictions)
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return summarize(self.predictions)
+
+
+def _rows(task: Task, lm, split: str, method: str, layer, pairs: Sequence[Pair], ids: Sequence[int]) -> list[dict]:
+    rows = []
+    for k, (pair, token) in enumerate(zip(pairs, ids)):
+        predicted = decode_token(lm, token)
+        rows.append({"task": task.name, "category": task.category, "split": split, "set": k, "method": method,
+                     "layer": layer, "query": pair.input, "expected": pair.output, "predicted": predicted.strip(),
+                     "correct": task.score(predicted, pair)})
+    return rows
+
+
+def run_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig | None = None,
+             stats: ForwardStats | None = None) -> TaskRun:
+    """The paper's main experiment on one task: baseline, ICL, layer sweep on dev, TV on test."""
+    config = config or ExperimentConfig()
+    stats = stats if stats is not None else ForwardStats()
+    task, report = prepare_task(lm, task, config)
+    fmt = prompt_format(lm, config)
+    bs = config.batch_size
+    dev = sample_sets(task, config.n_dev, config.n_demos, config.seed, "dev", config.n_dummies)
+    test = sample_sets(task, config.n_test, config.n_demos, config.seed, "test", config.n_dummies)
+    base = [s.query for s in sample_sets(task, config.n_baseline, 0, config.seed, "baseline")]
+
+    rows = []
+    _, dev_thetas = icl_and_task_vectors(lm, dev, fmt, with_icl=False, batch_size=bs, stats=stats)
+    dev_q = [s.query for s in dev]
+    sweep = zero_shot_predictions(lm, dev_q, fmt, thetas=dev_thetas, batch_size=bs, stats=stats)
+    for layer in range(lm.n_layers):
+        rows += _rows(task, lm, "dev", "task_vector", layer, dev_q, sweep[:, layer].tolist())
+    dev_acc = pd.DataFrame(rows).groupby("layer")["correct"].mean()
+    best = int(dev_acc.idxmax())  # ties -> the earliest layer
+
+    icl, test_thetas = icl_and_task_vectors(lm, test, fmt, batch_size=bs, stats=stats)
+    test_q = [s.query for s in test]
+    rows += _rows(task, lm, "test", "icl", None, test_q, icl)
+    tv = zero_shot_predictions(lm, test_q, fmt, thetas=test_thetas, layers=[best], batch_size=bs, stats=stats)
+    rows += _rows(task, lm, "test", "task_vector", best, test_q, tv[:, 0].tolist())
+    rows += _rows(task, lm, "test", "baseline", None, base, zero_shot_predictions(lm, base, fmt, batch_size=bs, stats=stats).tolist())
+    predictions = pd.DataFrame(rows)
+    predictions["layer"] = predictions["layer"].astype("Int64")
+    return TaskRun(task.name, task.category, predictions, report, best, config, stats)
+
+
+# --------------------------------------------------------------------------- tables
+
+def layer_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Task-vector accuracy by layer on dev sets: columns task, category, layer, accuracy."""
+    dev = predictions[(predictions["split"] == "dev") & (predictions["method"] == "task_vector")]
+    return (dev.groupby(["task", "category", "layer"], sort=False)["correct"].mean()
+            .rename("accuracy").reset_index())
+
+
+def summarize(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per task: baseline, ICL and task-vector accuracy on test, best layer, TV/ICL."""
+    test = predictions[predictions["split"] == "test"]
+    acc = test.pivot_table(index=["task", "category"], columns="method", values="correct", aggfunc="mean", sort=False)
+    best = test[test["method"] == "task_vector"].groupby(["task", "category"], sort=False)["layer"].first()
+    table = acc.reindex(columns=["baseline", "icl", "task_vector"]).assign(best_layer=best.astype(int))
+    table["tv_over_icl"] = table["task_vector"] / table["icl"].where(table["icl"] > 0)
+    table.columns.name = None
+    return table.reset_index()
+
+
+def category_means(summary: pd.DataFrame) -> pd.DataFrame:
+    """Means over tasks by category, and over all tasks (the paper's averages are over tasks)."""
+    cols = ["baseline", "icl", "task_vector"]
+    by_cat = summary.groupby("category", sort=False)[cols].mean()
+    by_cat.loc["all tasks"] = summary[cols].mean()
+    by_cat["tv_over_icl"] = by_cat["task_vector"] / by_cat["icl"]
+    by_cat["n_tasks"] = summary.groupby("category", sort=False).size().reindex(by_cat.index).fillna(len(summary)).astype(int)
+    return by_cat.reset_index()

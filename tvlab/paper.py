@@ -1,0 +1,46 @@
+"""The paper's published numbers, to compare against.
+
+Hendel, Geva, Globerson. "In-Context Learning Creates Task Vectors." Findings of EMNLP
+2023, arXiv:2310.15916, Table 1 / Figure 3 (per task and model: zero-shot baseline,
+task vector, ICL accuracy). ``paper_main_results.csv`` holds that table as published.
+
+>>> tvlab.paper.results().head()
+>>> tvlab.paper.model_means()        # the paper's main-result averages, per model
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pandas as pd
+
+CITATION = "Hendel, Geva & Globerson (2023), In-Context Learning Creates Task Vectors, Findings of EMNLP, Table 1"
+
+
+def results() -> pd.DataFrame:
+    """The paper's per-task, per-model table with tvlab's task names: model, category, task, baseline, icl, task_vector."""
+    path = files("tvlab").joinpath("paper_main_results.csv")
+    with path.open(encoding="utf-8") as f:
+        df = pd.read_csv(f)
+    df["task"] = df["task"].str.lower().str.replace(" ", "_")
+    df["category"] = df["category"].str.lower()
+    return df[["model", "category", "task", "baseline", "icl", "task_vector"]]
+
+
+def _with_ratio(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(tv_over_icl=df["task_vector"] / df["icl"])
+
+
+def model_means() -> pd.DataFrame:
+    """Means over the 18 tasks for each model, and over all 126 cells ("all models")."""
+    df = results()
+    cols = ["baseline", "icl", "task_vector"]
+    means = df.groupby("model", sort=False)[cols].mean()
+    means.loc["all models"] = df[cols].mean()
+    return _with_ratio(means).reset_index()
+
+
+def category_means() -> pd.DataFrame:
+    """Means over all models and tasks of each category."""
+    df = results()
+    return _with_ratio(df.groupby("category", sort=False)[["baseline", "icl", "task_vector"]].mean()).reset_index()

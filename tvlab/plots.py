@@ -1,0 +1,77 @@
+"""Figures, drawn from the tidy frames that the experiments return.
+
+>>> fig = tvlab.plots.main_bars(summary)          # the paper's Figure 3, for your model
+>>> fig = tvlab.plots.layer_curves(by_layer)      # accuracy by layer (the paper's Figure 2)
+
+One palette per category across the whole series (:data:`CATEGORY_COLORS`), and one per
+method (:data:`METHOD_COLORS`). Labels always come from the same frame as the bars.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .tasks import CATEGORIES, list_tasks
+
+CATEGORY_COLORS = {"algorithmic": "#4C72B0", "translation": "#DD8452", "linguistic": "#55A868",
+                   "knowledge": "#C44E52", "custom": "#8172B3"}
+METHOD_COLORS = {"baseline": "#B0B0B0", "icl": "#2A6F97", "task_vector": "#E07A1F"}
+METHOD_LABELS = {"baseline": "Baseline (zero-shot)", "icl": "ICL", "task_vector": "Task vector"}
+
+
+def _task_order(tasks) -> list[str]:
+    known = list_tasks()
+    return sorted(tasks, key=lambda t: (known.index(t) if t in known else len(known), t))
+
+
+def main_bars(summary: pd.DataFrame, title: str | None = None) -> matplotlib.figure.Figure:
+    """Grouped bars per task: baseline, ICL and task-vector accuracy, tasks grouped by category."""
+    df = summary.set_index("task").loc[_task_order(summary["task"])].reset_index()
+    methods = ["baseline", "icl", "task_vector"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.62 * len(df) + 1.5), 4.2))
+    width = 0.27
+    for k, method in enumerate(methods):
+        ax.bar([i + (k - 1) * width for i in range(len(df))], df[method], width,
+               color=METHOD_COLORS[method], label=METHOD_LABELS[method])
+    ax.set_xticks(range(len(df)))
+    ax.set_xticklabels(df["task"], rotation=50, ha="right", fontsize=8)
+    for tick, category in zip(ax.get_xticklabels(), df["category"]):
+        tick.set_color(CATEGORY_COLORS.get(category, "black"))
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy (first token)")
+    ax.set_title(title or "ICL, task vector and baseline accuracy per task")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def layer_curves(by_layer: pd.DataFrame, tasks: list[str] | None = None, title: str | None = None,
+                 ax: plt.Axes | None = None) -> matplotlib.figure.Figure:
+    """Dev accuracy of the task vector by layer: one thin line per task, bold line per category mean."""
+    df = by_layer if tasks is None else by_layer[by_layer["task"].isin(tasks)]
+    if df.empty:
+        raise ValueError("no layer accuracies to plot: pass the by_layer frame of a run (and task names it holds).")
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4.2))
+    few = df["task"].nunique() <= 6
+    for task, rows in df.groupby("task", sort=False):
+        color = CATEGORY_COLORS.get(rows["category"].iloc[0], "black")
+        ax.plot(rows["layer"], rows["accuracy"], color=color, lw=1.8 if few else 0.8, alpha=1.0 if few else 0.35,
+                marker="o" if few else None, ms=3, label=task if few else None)
+    if not few:
+        for category in [c for c in CATEGORIES + ("custom",) if c in set(df["category"])]:
+            mean = df[df["category"] == category].groupby("layer")["accuracy"].mean()
+            ax.plot(mean.index, mean.values, color=CATEGORY_COLORS[category], lw=2.5, label=f"{category} (mean)")
+    ax.set_xlabel("layer L (patched output of block L)")
+    ax.set_ylabel("task-vector accuracy (dev)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "Where is the task? Task-vector accuracy by layer")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,191 @@
+"""Prompts: how demonstrations and a query become text and tokens, and which token does what.
+
+>>> fmt = tvlab.FORMATS["paper"]
+>>> fmt.render([Pair("hot", "cold")], "big")
+'example:hot->cold\\nexample:big->'
+
+A *set* (the paper's unit of evaluation) is a demonstration list S, a query x and
+dummy queries x' (other inputs of the task, used to read θ(S) without leaking x).
+Sets are sampled with a seed, so the same seed gives the same prompts.
+
+Token roles are named: ``PREDICT`` is the last prompt token (the arrow), whose
+hidden state is the task vector and whose next-token prediction is the answer.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from .tasks import Pair, Task, TaskError
+
+#: Name of the token position that predicts the answer: the last token of a prompt.
+PREDICT = "predict"
+#: Name of the first token of the query line.
+QUERY = "query"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one demonstration is written, and what joins them.
+
+    ``template`` holds ``{x}`` then ``{y}``; the query line is the template cut just
+    before ``{y}`` (trailing spaces removed, so the answer token keeps its own space).
+    ``prefix`` starts every prompt: tvlab sets it to a newline for tokenizers that add
+    no beginning-of-sequence token (see :func:`tvlab.models.load_model`).
+    """
+
+    name: str
+    template: str = "example:{x}->{y}"
+    separator: str = "\n"
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if "{x}" not in self.template or not self.template.endswith("{y}") or self.template.index("{x}") > self.template.index("{y}"):
+            raise ValueError(f"prompt template {self.template!r} must contain {{x}} and end with {{y}}, e.g. 'example:{{x}}->{{y}}'.")
+
+    def demo(self, x: str, y: str) -> str:
+        return self.template.replace("{x}", x).replace("{y}", y)
+
+    def query(self, x: str) -> str:
+        return self.template[: -len("{y}")].replace("{x}", x).rstrip(" ")
+
+    def render(self, demos: Sequence[Pair], query: str) -> str:
+        """The prompt text: ``prefix``, the demonstrations, then the query line."""
+        lines = [self.demo(p.input, p.output) for p in demos] + [self.query(query)]
+        return self.prefix + self.separator.join(lines)
+
+    def with_prefix(self, prefix: str) -> "PromptFormat":
+        return replace(self, prefix=prefix)
+
+
+FORMATS: dict[str, PromptFormat] = {
+    "paper": PromptFormat("paper", "example:{x}->{y}", "\n"),
+    "arrow": PromptFormat("arrow", "{x} -> {y}", "\n"),
+    "qa": PromptFormat("qa", "Q: {x}\nA: {y}", "\n\n"),
+}
+
+
+def get_format(fmt: str | PromptFormat) -> PromptFormat:
+    if isinstance(fmt, PromptFormat):
+        return fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)} or pass a tvlab.PromptFormat.")
+    return FORMATS[fmt]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """One evaluation set: demonstrations S, the test query x, dummy queries x'."""
+
+    demos: tuple[Pair, ...]
+    query: Pair
+    dummies: tuple[Pair, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """Token ids of a prompt and the positions of its named roles (``PREDICT``, ``QUERY``)."""
+
+    text: str
+    ids: tuple[int, ...]
+    positions: dict
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize(tokenizer, fmt: PromptFormat, demos: Sequence[Pair], query: str) -> TokenizedPrompt:
+    """Tokenize a prompt and name its roles. The tokenizer adds its own BOS if it has one."""
+    text = fmt.render(demos, query)
+    ids = tuple(tokenizer(text).input_ids)
+    head = text[: len(text) - len(fmt.query(query))]
+    n_head = len(tokenizer(head).input_ids) if head else _n_special_prefix(tokenizer)
+    return TokenizedPrompt(text, ids, {PREDICT: len(ids) - 1, QUERY: min(n_head, len(ids) - 1)})
+
+
+def _n_special_prefix(tokenizer) -> int:
+    return len(tokenizer("").input_ids)
+
+
+def _rng(seed: int, task_name: str, split: str) -> np.random.Generator:
+    # A stable hash (Python's hash() is salted per process): same seed, same sets, anywhere.
+    return np.random.default_rng([seed, zlib.crc32(task_name.encode()), zlib.crc32(split.encode())])
+
+
+def sample_sets(task: Task, n_sets: int, n_demos: int, seed: int, split: str = "test",
+                n_dummies: int = 0) -> list[PromptSet]:
+    """``n_sets`` independent sets of ``n_demos`` demonstrations, a query and dummy queries.
+
+    Within a set all examples are distinct. ``split`` names an independent stream
+    ("test", "dev", "baseline"), so dev and test sets never share a random draw.
+    """
+    for what, value, low in (("n_sets", n_sets, 0), ("n_demos", n_demos, 0), ("n_dummies", n_dummies, 0)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{what} must be a whole number >= {low}, got {value!r}.")
+    need = n_demos + 1 + n_dummies
+    if len(task.pairs) < need:
+        raise TaskError(f"task {task.name!r} has {len(task.pairs)} usable pairs but a set needs {need} distinct ones "
+                        f"({n_demos} demonstrations + 1 query + {n_dummies} dummy queries). Use fewer demonstrations "
+                        "or add pairs to the task.")
+    rng = _rng(seed, task.name, split)
+    sets = []
+    for _ in range(n_sets):
+        idx = rng.choice(len(task.pairs), size=need, replace=False)
+        picked = [task.pairs[i] for i in idx]
+        sets.append(PromptSet(tuple(picked[:n_demos]), picked[n_demos], tuple(picked[n_demos + 1:])))
+    return sets
+
+
+@dataclass(frozen=True)
+class FilterReport:
+    """How many pairs of a task survive the single-token-answer filter for one tokenizer."""
+
+    task: str
+    total: int
+    kept: int
+    dropped_examples: tuple[str, ...]
+
+    def __str__(self) -> str:
+        ex = f" (e.g. {', '.join(self.dropped_examples)})" if self.dropped_examples else ""
+        return f"{self.task}: {self.kept}/{self.total} answers are one token{ex}"
+
+
+def answer_token_counts(tokenizer, fmt: PromptFormat, pairs: Sequence[Pair]) -> list[int]:
+    """How many tokens each pair's answer takes right after its query line.
+
+    Measured in context (query line, then answer) because most tokenizers merge a
+    leading space into the word that follows it. -1 means the query's own tokens changed
+    when the answer was appended (the answer cannot be read as separate tokens).
+    """
+    queries = [fmt.prefix + fmt.query(p.input) for p in pairs]
+    fulls = [fmt.prefix + fmt.demo(p.input, p.output) for p in pairs]
+    q_ids = tokenizer(queries).input_ids
+    f_ids = tokenizer(fulls).input_ids
+    return [len(f) - len(q) if f[: len(q)] == q else -1 for q, f in zip(q_ids, f_ids)]
+
+
+def single_token_filter(task: Task, tokenizer, fmt: PromptFormat, min_pairs: int = 0) -> tuple[Task, FilterReport]:
+    """Keep the pairs whose answer is one token for this tokenizer (the paper's rule).
+
+    Tasks scored by prefix (knowledge) keep every pair: their first token is scored by
+    prefix match, as in the paper. Raises :class:`TaskError` if fewer than ``min_pairs``
+    remain, saying how many were dropped and why.
+    """
+    counts = answer_token_counts(tokenizer, fmt, task.pairs)
+    if task.scoring == "prefix":
+        keep = [c >= 1 for c in counts]
+    else:
+        keep = [c == 1 for c in counts]
+    kept = [p for p, k in zip(task.pairs, keep) if k]
+    dropped = [f"{p.output!r}" for p, k in zip(task.pairs, keep) if not k][:3]
+    report = FilterReport(task.name, len(task.pairs), len(kept), tuple(dropped))
+    if len(kept) < min_pairs:
+        raise TaskError(f"{report}; only {len(kept)} pairs remain but {min_pairs} are needed. "
+                        "Answers must be a single token for this model's tokenizer: use shorter, more common "
+                        "answers, or fewer demonstrations.")
+    note = f"single-token filter: {len(kept)}/{len(task.pairs)} kept"
+    return task.with_pairs(kept, note), report

@@ -1,0 +1,276 @@
+"""Tasks: sets of (input, output) pairs, and how an answer to them is scored.
+
+>>> import tvlab
+>>> task = tvlab.get_task("country_capital")
+>>> task.pairs[0], task.score("Paris", task.pairs[0])
+
+The paper's 18 tasks come in four categories. The algorithmic ones are generated
+here; the others are JSON files in ``data/`` written for this project (see
+``data/README.md``). Your own task is a JSON list of ``{"input", "output"}``
+objects or a two-column CSV: ``tvlab.load_task("path/to/file.json")``.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import string
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+
+Category = Literal["algorithmic", "translation", "linguistic", "knowledge", "custom"]
+Scoring = Literal["exact", "prefix"]
+
+CATEGORIES: tuple[str, ...] = ("algorithmic", "translation", "linguistic", "knowledge")
+
+#: The paper's 18 tasks by category, in the paper's order (plus singular_plural,
+#: the reverse of plural_singular, which tvlab adds).
+PAPER_TASKS: dict[str, tuple[str, ...]] = {
+    "algorithmic": ("next_letter", "prev_letter", "list_first", "list_last", "to_upper", "to_lower"),
+    "translation": ("fr_en", "es_en", "en_fr", "en_es"),
+    "linguistic": ("present_simple_gerund", "present_simple_past_simple", "plural_singular", "antonyms"),
+    "knowledge": ("country_capital", "person_language", "location_continent", "location_religion"),
+}
+EXTRA_TASKS: dict[str, str] = {"singular_plural": "linguistic"}
+
+
+class TaskError(ValueError):
+    """A task name or task file that tvlab cannot use; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One example of a task: ``input -> output``; ``accept`` lists other correct answers."""
+
+    input: str
+    output: str
+    accept: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return (self.output, *self.accept)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named set of pairs and the rule that scores a predicted first token.
+
+    ``scoring="exact"``: the stripped first token must equal an answer (the paper's
+    metric). ``scoring="prefix"``: knowledge tasks accept a prefix match in either
+    direction, as in the paper (" Buenos" for "Buenos Aires").
+    """
+
+    name: str
+    category: str
+    pairs: tuple[Pair, ...]
+    scoring: Scoring = "exact"
+    description: str = ""
+    source: str = ""
+    allow_multiple_outputs: bool = False
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        _validate_pairs(self.name, self.pairs, self.allow_multiple_outputs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def score(self, predicted: str, pair: Pair) -> bool:
+        """Is ``predicted`` (a decoded first token) a correct answer for ``pair``?"""
+        guess = predicted.strip()
+        if not guess:
+            return False
+        if self.scoring == "exact":
+            return guess in pair.answers
+        return any(a.startswith(guess) or guess.startswith(a) for a in pair.answers)
+
+    def with_pairs(self, pairs: Iterable[Pair], note: str | None = None) -> "Task":
+        """The same task restricted to ``pairs`` (e.g. after the single-token filter)."""
+        notes = self.notes + ((note,) if note else ())
+        return Task(self.name, self.category, tuple(pairs), self.scoring, self.description,
+                    self.source, self.allow_multiple_outputs, notes)
+
+
+def _validate_pairs(name: str, pairs: tuple[Pair, ...], allow_multiple: bool) -> None:
+    seen: dict[str, str] = {}
+    for i, p in enumerate(pairs):
+        for what, value in (("input", p.input), ("output", p.output)):
+            if not isinstance(value, str) or not value.strip():
+                raise TaskError(f"task {name!r}, pair {i}: empty {what} ({p!r}). Remove the row or fill it in.")
+            if "\n" in value:
+                raise TaskError(f"task {name!r}, pair {i}: the {what} {value!r} contains a newline; prompts are one line per example.")
+        if p.input in seen and seen[p.input] != p.output and not allow_multiple:
+            raise TaskError(
+                f"task {name!r}: the input {p.input!r} is mapped to two outputs ({seen[p.input]!r} and "
+                f"{p.output!r}). Keep one and list the other under \"accept\", or remove the duplicate.")
+        seen.setdefault(p.input, p.output)
+
+
+# --------------------------------------------------------------------------- data files
+
+def data_dir() -> Path:
+    """The folder holding the task JSON files (inside the wheel, or the repo's ``data/``)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_data", here.parent / "data"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"tvlab's task data is missing (looked in {here / '_data'} and {here.parent / 'data'}); reinstall tvlab.")
+
+
+def _pairs_from_records(records: list, origin: str) -> tuple[Pair, ...]:
+    if not isinstance(records, list):
+        raise TaskError(f"{origin}: expected a JSON list of {{\"input\": ..., \"output\": ...}} objects, got {type(records).__name__}.")
+    pairs = []
+    for i, row in enumerate(records):
+        if not isinstance(row, dict) or "input" not in row or "output" not in row:
+            raise TaskError(f"{origin}: row {i} ({row!r}) needs both \"input\" and \"output\" keys.")
+        accept = row.get("accept", ())
+        if isinstance(accept, str):
+            accept = (accept,)
+        pairs.append(Pair(str(row["input"]).strip(), str(row["output"]).strip(),
+                          tuple(str(a).strip() for a in accept)))
+    return tuple(pairs)
+
+
+def _load_data_file(path: Path) -> Task:
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    category = spec["category"]
+    return Task(
+        name=spec["task"],
+        category=category,
+        pairs=_pairs_from_records(spec["pairs"], str(path)),
+        scoring="prefix" if category == "knowledge" else "exact",
+        description=spec.get("description", ""),
+        source=spec.get("source", ""),
+    )
+
+
+def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exact") -> Task:
+    """Load a user task: a JSON list of ``{"input", "output"}`` objects, or a two-column CSV.
+
+    >>> task = tvlab.load_task("antonyms_fr.json")   # [{"input": "chaud", "output": "froid"}, ...]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file {str(path)!r} does not exist.")
+    name = name or path.stem
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".csv":
+        rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["input", "output"]:
+            rows = rows[1:]
+        bad = [i for i, r in enumerate(rows) if len(r) != 2]
+        if bad:
+            raise TaskError(f"{path}: row {bad[0] + 1} has {len(rows[bad[0]])} columns; a task CSV has exactly two (input, output).")
+        records = [{"input": r[0], "output": r[1]} for r in rows]
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path} is not valid JSON ({e}). A task file is a JSON list of "
+                            "{\"input\": ..., \"output\": ...} objects, or a two-column CSV.") from None
+        records = data["pairs"] if isinstance(data, dict) and "pairs" in data else data
+    pairs = _pairs_from_records(records, str(path))
+    if not pairs:
+        raise TaskError(f"{path} holds no pairs.")
+    return Task(name=name, category="custom", pairs=pairs, scoring=scoring,
+                description=f"user task from {path.name}", source=str(path))
+
+
+# --------------------------------------------------------------------------- algorithmic tasks
+
+def _letters(shift: int) -> tuple[Pair, ...]:
+    pairs = []
+    for alphabet in (string.ascii_lowercase, string.ascii_uppercase):
+        for i, c in enumerate(alphabet):
+            j = i + shift
+            if 0 <= j < len(alphabet):
+                pairs.append(Pair(c, alphabet[j]))
+    return tuple(pairs)
+
+
+@lru_cache(maxsize=1)
+def _word_pool() -> tuple[str, ...]:
+    """Plain lower-case nouns for the generated tasks (the singular nouns of our data)."""
+    spec = json.loads((data_dir() / "singular_plural.json").read_text(encoding="utf-8"))
+    words = sorted({p["input"] for p in spec["pairs"] if p["input"].isalpha() and 3 <= len(p["input"]) <= 8})
+    return tuple(words)
+
+
+def _case_pairs(upper: bool) -> tuple[Pair, ...]:
+    letters = [Pair(c, c.upper()) if upper else Pair(c.upper(), c) for c in string.ascii_lowercase]
+    words = [Pair(w, w.upper()) if upper else Pair(w.upper(), w) for w in _word_pool()]
+    return tuple(letters + words)
+
+
+def _list_pairs(first: bool, n: int = 400, seed: int = 0) -> tuple[Pair, ...]:
+    rng = np.random.default_rng(seed)
+    words = _word_pool()
+    pairs, seen = [], set()
+    while len(pairs) < n:
+        k = int(rng.integers(2, 5))
+        items = [words[i] for i in rng.choice(len(words), size=k, replace=False)]
+        text = ", ".join(items)
+        if text not in seen:
+            seen.add(text)
+            pairs.append(Pair(text, items[0] if first else items[-1]))
+    return tuple(pairs)
+
+
+_GENERATED = {
+    "next_letter": (lambda: _letters(+1), "A letter -> the next letter of the alphabet."),
+    "prev_letter": (lambda: _letters(-1), "A letter -> the previous letter of the alphabet."),
+    "list_first": (lambda: _list_pairs(first=True), "A comma list of 2-4 words -> its first item."),
+    "list_last": (lambda: _list_pairs(first=False), "A comma list of 2-4 words -> its last item."),
+    "to_upper": (lambda: _case_pairs(upper=True), "A letter or word -> the same in upper case."),
+    "to_lower": (lambda: _case_pairs(upper=False), "An upper-case letter or word -> the same in lower case."),
+}
+
+
+# --------------------------------------------------------------------------- registry
+
+def list_tasks(category: str | None = None, include_extra: bool = True) -> list[str]:
+    """Task names, in the paper's order (its 18 tasks, then tvlab's extras)."""
+    if category is not None and category not in PAPER_TASKS:
+        raise TaskError(f"unknown category {category!r}; choose one of {', '.join(CATEGORIES)}.")
+    names = [t for c, ts in PAPER_TASKS.items() if category in (None, c) for t in ts]
+    if include_extra:
+        names += [t for t, c in EXTRA_TASKS.items() if category in (None, c)]
+    return names
+
+
+def task_category(name: str) -> str:
+    for c, ts in PAPER_TASKS.items():
+        if name in ts:
+            return c
+    return EXTRA_TASKS.get(name, "custom")
+
+
+@lru_cache(maxsize=None)
+def _builtin_task(name: str) -> Task:
+    if name in _GENERATED:
+        make, description = _GENERATED[name]
+        return Task(name, "algorithmic", make(), "exact", description, source="generated by tvlab.tasks")
+    return _load_data_file(data_dir() / f"{name}.json")
+
+
+def get_task(name_or_path: str | Path) -> Task:
+    """A built-in task by name (``"antonyms"``), or a user task file by path.
+
+    An unknown name raises :class:`TaskError` listing the closest known names.
+    """
+    if isinstance(name_or_path, Path) or str(name_or_path).lower().endswith((".json", ".csv")):
+        return load_task(name_or_path)
+    name = str(name_or_path)
+    known = list_tasks()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise TaskError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(known)}. "
+                        "A path to a .json or .csv file loads your own task.")
+    return _builtin_task(name)
