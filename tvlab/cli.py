@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt format: paper = 'example:x->y' (default), arrow = 'x -> y', qa = 'Q: x / A: y'")
     rep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype (default float32)")
     rep.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    rep.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"prompts per forward pass (default {d.batch_size})")
+    rep.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"prompts per forward pass; lower it if memory runs out (default {d.batch_size})")
     rep.add_argument("--out", default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub.add_parser("tasks", help="list the built-in tasks")

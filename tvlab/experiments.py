@@ -25,7 +25,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .engine import ForwardStats, predict_last
+from .engine import ForwardStats, predict_last, predict_last_plain
 from .models import LanguageModel
 from .prompts import FilterReport, PromptFormat, PromptSet, get_format, sample_sets, single_token_filter, tokenize
 from .tasks import Pair, Task, get_task
@@ -42,7 +42,8 @@ class ExperimentConfig:
     n_dummies: int = 2
     seed: int = 41
     format: str = "paper"
-    batch_size: int = 64
+    batch_size: int = 256      # prompts per forward pass; changes speed and memory, not results
+    fast_path: bool = True     # False: one prompt per forward, a full forward per layer (the reference)
 
     def __post_init__(self) -> None:
         for name in ("n_test", "n_dev", "n_baseline", "n_dummies", "batch_size"):
@@ -86,7 +87,8 @@ def _check_context(lm: LanguageModel, prompts: Sequence[Sequence[int]]) -> None:
 # --------------------------------------------------------------------------- building blocks
 
 def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: PromptFormat, *, with_icl: bool = True,
-                         batch_size: int = 64, stats: ForwardStats | None = None) -> tuple[list[int] | None, torch.Tensor]:
+                         batch_size: int = 256, stats: ForwardStats | None = None,
+                         fast: bool = True) -> tuple[list[int] | None, torch.Tensor]:
     """ICL predictions (token ids) and task vectors θ(S) ``[n_sets, n_layers, d_model]``.
 
     One forward pass per set, shared: the demonstrations run once, then the ICL query
@@ -103,7 +105,10 @@ def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: Prom
             groups.append(k)
             role.append(what)
     _check_context(lm, prompts)
-    out = predict_last(lm, prompts, groups=groups, read=True, batch_size=batch_size, stats=stats)
+    if fast:
+        out = predict_last(lm, prompts, groups=groups, read=True, batch_size=batch_size, stats=stats)
+    else:
+        out = predict_last_plain(lm, prompts, read=True, stats=stats)
     thetas = torch.zeros(len(sets), lm.n_layers, lm.d_model)
     counts = torch.zeros(len(sets))
     icl = [0] * len(sets)
@@ -127,7 +132,7 @@ def extract_task_vector(lm: LanguageModel, demos: Sequence[Pair], dummies: Seque
 
 def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, *,
                           thetas: torch.Tensor | None = None, layers: Sequence[int] | None = None,
-                          batch_size: int = 64, stats: ForwardStats | None = None) -> torch.Tensor:
+                          batch_size: int = 256, stats: ForwardStats | None = None, fast: bool = True) -> torch.Tensor:
     """Predicted token ids for zero-shot prompts, plain or patched.
 
     Without ``thetas``: ``[n_queries]``, the baseline. With ``thetas`` ``[n_queries,
@@ -136,6 +141,8 @@ def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: Promp
     """
     base = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
     if thetas is None:
+        if not fast:
+            return predict_last_plain(lm, base, stats=stats).top_ids
         return predict_last(lm, base, batch_size=batch_size, stats=stats).top_ids
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(layer) for layer in layers]
     prompts, groups, patches = [], [], []
@@ -144,7 +151,10 @@ def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: Promp
             prompts.append(ids)
             groups.append(i)
             patches.append((layer, thetas[i, layer]))
-    out = predict_last(lm, prompts, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
+    if fast:
+        out = predict_last(lm, prompts, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
+    else:
+        out = predict_last_plain(lm, prompts, patches=patches, stats=stats)
     return out.top_ids.view(len(queries), len(layers))
 
 
@@ -188,26 +198,26 @@ def run_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig | Non
     stats = stats if stats is not None else ForwardStats()
     task, report = prepare_task(lm, task, config)
     fmt = prompt_format(lm, config)
-    bs = config.batch_size
+    engine_args = {"batch_size": config.batch_size, "stats": stats, "fast": config.fast_path}
     dev = sample_sets(task, config.n_dev, config.n_demos, config.seed, "dev", config.n_dummies)
     test = sample_sets(task, config.n_test, config.n_demos, config.seed, "test", config.n_dummies)
     base = [s.query for s in sample_sets(task, config.n_baseline, 0, config.seed, "baseline")]
 
     rows = []
-    _, dev_thetas = icl_and_task_vectors(lm, dev, fmt, with_icl=False, batch_size=bs, stats=stats)
+    _, dev_thetas = icl_and_task_vectors(lm, dev, fmt, with_icl=False, **engine_args)
     dev_q = [s.query for s in dev]
-    sweep = zero_shot_predictions(lm, dev_q, fmt, thetas=dev_thetas, batch_size=bs, stats=stats)
+    sweep = zero_shot_predictions(lm, dev_q, fmt, thetas=dev_thetas, **engine_args)
     for layer in range(lm.n_layers):
         rows += _rows(task, lm, "dev", "task_vector", layer, dev_q, sweep[:, layer].tolist())
     dev_acc = pd.DataFrame(rows).groupby("layer")["correct"].mean()
     best = int(dev_acc.idxmax())  # ties -> the earliest layer
 
-    icl, test_thetas = icl_and_task_vectors(lm, test, fmt, batch_size=bs, stats=stats)
+    icl, test_thetas = icl_and_task_vectors(lm, test, fmt, **engine_args)
     test_q = [s.query for s in test]
     rows += _rows(task, lm, "test", "icl", None, test_q, icl)
-    tv = zero_shot_predictions(lm, test_q, fmt, thetas=test_thetas, layers=[best], batch_size=bs, stats=stats)
+    tv = zero_shot_predictions(lm, test_q, fmt, thetas=test_thetas, layers=[best], **engine_args)
     rows += _rows(task, lm, "test", "task_vector", best, test_q, tv[:, 0].tolist())
-    rows += _rows(task, lm, "test", "baseline", None, base, zero_shot_predictions(lm, base, fmt, batch_size=bs, stats=stats).tolist())
+    rows += _rows(task, lm, "test", "baseline", None, base, zero_shot_predictions(lm, base, fmt, **engine_args).tolist())
     predictions = pd.DataFrame(rows)
     predictions["layer"] = predictions["layer"].astype("Int64")
     return TaskRun(task.name, task.category, predictions, report, best, config, stats)
@@ -238,6 +248,6 @@ def category_means(summary: pd.DataFrame) -> pd.DataFrame:
     cols = ["baseline", "icl", "task_vector"]
     by_cat = summary.groupby("category", sort=False)[cols].mean()
     by_cat.loc["all tasks"] = summary[cols].mean()
-    by_cat["tv_over_icl"] = by_cat["task_vector"] / by_cat["icl"]
+    by_cat["tv_over_icl"] = by_cat["task_vector"] / by_cat["icl"].where(by_cat["icl"] > 0)
     by_cat["n_tasks"] = summary.groupby("category", sort=False).size().reindex(by_cat.index).fillna(len(summary)).astype(int)
     return by_cat.reset_index()

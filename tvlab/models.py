@@ -63,7 +63,7 @@ FAMILIES: dict[str, Family] = {
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "phi": Family("model.layers", "model.final_layernorm", "lm_head"),
-    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out"),
+    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head"),  # "embed_out" before transformers 5
     "gptj": Family("transformer.h", "transformer.ln_f", "lm_head"),
     "gpt2": Family("transformer.h", "transformer.ln_f", "lm_head"),
     "opt": Family("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head"),
@@ -287,14 +287,19 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
                device: str | torch.device | None = None, device_map: str | None = None) -> LanguageModel:
     """Load a causal LM for tvlab.
 
-    ``name``: None or ``"gemma-3-270m"`` for the bundled default; a local folder; or any
-    Hugging Face model id (needs a network or a copy in the HF cache). ``dtype``:
+    ``name``: None or ``"gemma-3-270m"`` for the bundled default; a local folder; any
+    Hugging Face model id (needs a network or a copy in the HF cache); or ``"tiny-llama"``
+    (any family of :data:`FAMILIES` after ``tiny-``) for a small random model. ``dtype``:
     float32 (default), bfloat16 or float16. ``device``: CUDA when present, else CPU.
     ``device_map="auto"`` spreads a large model over all GPUs (needs accelerate).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
+    if name is not None and str(name).startswith("tiny-"):
+        lm = tiny_model(str(name).removeprefix("tiny-"))  # random weights: for tests and demos of the machinery
+        lm.model.to(device=_resolve_device(device), dtype=torch_dtype)
+        return lm
     if name is None or str(name) == DEFAULT_MODEL:
         source, label = default_model_path(), DEFAULT_MODEL
     else:

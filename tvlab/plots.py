@@ -10,7 +10,7 @@ method (:data:`METHOD_COLORS`). Labels always come from the same frame as the ba
 from __future__ import annotations
 
 import matplotlib
-
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -66,6 +66,7 @@ def layer_curves(by_layer: pd.DataFrame, tasks: list[str] | None = None, title: 
         for category in [c for c in CATEGORIES + ("custom",) if c in set(df["category"])]:
             mean = df[df["category"] == category].groupby("layer")["accuracy"].mean()
             ax.plot(mean.index, mean.values, color=CATEGORY_COLORS[category], lw=2.5, label=f"{category} (mean)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer L (patched output of block L)")
     ax.set_ylabel("task-vector accuracy (dev)")
     ax.set_ylim(-0.02, 1.02)

@@ -47,7 +47,8 @@ def settings_key(lm: LanguageModel, config: ExperimentConfig, task: Task) -> str
     """A short hash of everything that changes a task's numbers."""
     spec = {"model": lm.name, "dtype": str(lm.dtype), "config": config.as_dict(), "task": task.name,
             "pairs": hashlib.sha256(json.dumps([(p.input, p.answers) for p in task.pairs]).encode()).hexdigest()}
-    spec["config"].pop("batch_size")  # batch size does not change the predictions
+    for speed_only in ("batch_size", "fast_path"):  # they change how fast, not what is predicted
+        spec["config"].pop(speed_only)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -132,7 +133,7 @@ def report(results: MainResults) -> str:
     if len(paper_tasks):
         ours = paper_tasks[["baseline", "icl", "task_vector"]].mean()
         lines.append(f"{'this run':14s} {_fmt(ours.baseline)} {_fmt(ours.icl)} {_fmt(ours.task_vector)} "
-                     f"{_fmt(ours.task_vector / ours.icl):>6s}   ({len(paper_tasks)} of the paper's tasks, {results.model})")
+                     f"{_fmt(ours.task_vector / ours.icl if ours.icl > 0 else float('nan')):>6s}   ({len(paper_tasks)} of the paper's tasks, {results.model})")
     return "\n".join(lines)
 
 

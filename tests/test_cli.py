@@ -1,0 +1,45 @@
+import json
+
+import pandas as pd
+import pytest
+
+from tvlab.cli import main
+
+ARGS = ["reproduce", "--model", "tiny-llama", "--n-test", "4", "--n-dev", "3", "--n-baseline", "4", "--no-progress"]
+
+
+def test_reproduce_writes_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "antonyms" in printed and "all tasks" in printed and "LLaMA 7B" in printed
+    for name in ("main_results.csv", "by_layer.csv", "predictions.csv", "results.json", "main_results.png", "accuracy_by_layer.png"):
+        assert (out / name).stat().st_size > 0
+    first = pd.read_csv(out / "main_results.csv")
+    assert list(first["task"]) == ["antonyms", "next_letter"]
+    assert json.loads((out / "results.json").read_text())["config"]["n_test"] == 4
+    # Same settings again: both tasks come from the saved partial results, same numbers.
+    assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 0
+    assert "2 tasks resumed" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(out / "main_results.csv"), first)
+    # Different settings never reuse them.
+    assert main(ARGS[:-1] + ["--seed", "7", "--no-progress", "--tasks", "antonyms", "--out", str(out)]) == 0
+    assert "resumed" not in capsys.readouterr().out
+
+
+def test_user_task_file(tmp_path, capsys):
+    path = tmp_path / "shout.json"
+    path.write_text(json.dumps([{"input": w, "output": w.upper()} for w in "abcdefghijklmnop"]))
+    assert main(ARGS + ["--tasks", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert "shout" in capsys.readouterr().out
+
+
+def test_unknown_task_is_a_clear_error(capsys, tmp_path):
+    assert main(ARGS + ["--tasks", "antonym", "--out", str(tmp_path)]) == 2
+    assert "Did you mean antonyms" in capsys.readouterr().err
+
+
+def test_bad_count_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--n-test", "0"])
+    assert "must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,51 @@
+import pytest
+
+import tvlab
+from tvlab.prompts import FORMATS, PREDICT, QUERY, PromptFormat, answer_token_counts, sample_sets, tokenize
+from tvlab.tasks import Pair, TaskError
+
+
+def test_paper_format_renders_like_the_original_code():
+    text = FORMATS["paper"].render([Pair("hot", "cold"), Pair("up", "down")], "big")
+    assert text == "example:hot->cold\nexample:up->down\nexample:big->"
+    assert FORMATS["arrow"].render([Pair("a", "b")], "c") == "a -> b\nc ->"
+    assert FORMATS["qa"].render([Pair("a", "b")], "c") == "Q: a\nA: b\n\nQ: c\nA:"
+
+
+def test_bad_template_is_refused():
+    with pytest.raises(ValueError, match="must contain"):
+        PromptFormat("bad", "{y} <- {x}")
+
+
+def test_sampling_is_seeded_distinct_and_split():
+    task = tvlab.get_task("antonyms")
+    a = sample_sets(task, 20, 5, seed=41, split="test", n_dummies=2)
+    assert a == sample_sets(task, 20, 5, seed=41, split="test", n_dummies=2)
+    assert a != sample_sets(task, 20, 5, seed=42, split="test", n_dummies=2)
+    assert a != sample_sets(task, 20, 5, seed=41, split="dev", n_dummies=2)
+    for s in a:
+        inputs = [p.input for p in (*s.demos, s.query, *s.dummies)]
+        assert len(inputs) == len(set(inputs)) == 8
+
+
+def test_too_few_pairs_is_a_clear_error():
+    task = tvlab.Task("tiny", "custom", tuple(Pair(str(i), str(i + 1)) for i in range(5)))
+    with pytest.raises(TaskError, match="needs 8 distinct"):
+        sample_sets(task, 1, 5, seed=0, n_dummies=2)
+
+
+def test_roles_are_named_positions(tiny):
+    tp = tokenize(tiny.tokenizer, FORMATS["paper"], [Pair("hot", "cold")], "big")
+    assert tp.positions[PREDICT] == len(tp.ids) - 1
+    assert tiny.tokenizer.convert_ids_to_tokens(tp.ids[tp.positions[PREDICT]]) == "->"
+    assert tiny.tokenizer.convert_ids_to_tokens(tp.ids[tp.positions[QUERY]]) == "example"
+
+
+def test_single_token_filter_counts_answers_in_context(tiny):
+    fmt = FORMATS["paper"]
+    assert answer_token_counts(tiny.tokenizer, fmt, [Pair("a", "b"), Pair("a", "b c")]) == [1, 3]
+    task = tvlab.Task("t", "custom", tuple([Pair(f"x{i}", "dog") for i in range(10)] + [Pair("y", "two words")]))
+    kept, report = tvlab.single_token_filter(task, tiny.tokenizer, fmt)
+    assert report.kept == 10 and report.total == 11 and len(kept) == 10
+    with pytest.raises(TaskError, match="only 10 pairs remain"):
+        tvlab.single_token_filter(task, tiny.tokenizer, fmt, min_pairs=11)
