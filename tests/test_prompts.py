@@ -43,7 +43,7 @@ def test_roles_are_named_positions(tiny):
 
 def test_single_token_filter_counts_answers_in_context(tiny):
     fmt = FORMATS["paper"]
-    assert answer_token_counts(tiny.tokenizer, fmt, [Pair("a", "b"), Pair("a", "b c")]) == [1, 3]
+    assert answer_token_counts(tiny.tokenizer, fmt, [Pair("a", "b"), Pair("a", "b c")]) == [1, 2]
     task = tvlab.Task("t", "custom", tuple([Pair(f"x{i}", "dog") for i in range(10)] + [Pair("y", "two words")]))
     kept, report = tvlab.single_token_filter(task, tiny.tokenizer, fmt)
     assert report.kept == 10 and report.total == 11 and len(kept) == 10

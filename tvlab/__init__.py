@@ -8,10 +8,10 @@
 Built on Hendel, Geva & Globerson (2023), "In-Context Learning Creates Task Vectors".
 """
 
-from . import paper, plots, reproduce
+from . import explore, paper, plots, reproduce
 from .engine import ForwardStats, predict_last, predict_last_plain
 from .experiments import (ExperimentConfig, TaskRun, category_means, extract_task_vector, icl_and_task_vectors,
-                          layer_accuracy, prepare_task, run_task, summarize, zero_shot_predictions)
+                          layer_accuracy, layer_sweep, prepare_task, run_task, summarize, zero_shot_predictions)
 from .hooks import patch_hidden, read_hidden
 from .models import DEFAULT_MODEL, FAMILIES, Family, LanguageModel, ModelError, load_model, tiny_model
 from .prompts import FORMATS, PREDICT, QUERY, PromptFormat, PromptSet, sample_sets, single_token_filter, tokenize
@@ -23,8 +23,8 @@ __all__ = [
     "CATEGORIES", "DEFAULT_MODEL", "FAMILIES", "FORMATS", "PREDICT", "QUERY",
     "ExperimentConfig", "Family", "ForwardStats", "LanguageModel", "ModelError", "Pair", "PromptFormat",
     "PromptSet", "Task", "TaskError", "TaskRun",
-    "category_means", "extract_task_vector", "get_task", "icl_and_task_vectors", "layer_accuracy", "list_tasks",
+    "category_means", "extract_task_vector", "get_task", "icl_and_task_vectors", "layer_accuracy", "layer_sweep", "list_tasks",
     "load_model", "load_task", "patch_hidden", "predict_last", "predict_last_plain", "prepare_task", "read_hidden",
     "run_task", "sample_sets", "single_token_filter", "summarize", "tiny_model", "tokenize", "zero_shot_predictions",
-    "paper", "plots", "reproduce",
+    "explore", "paper", "plots", "reproduce",
 ]

@@ -191,6 +191,35 @@ def _rows(task: Task, lm, split: str, method: str, layer, pairs: Sequence[Pair],
     return rows
 
 
+def _dev_sets(task: Task, config: ExperimentConfig) -> list[PromptSet]:
+    return sample_sets(task, config.n_dev, config.n_demos, config.seed, "dev", config.n_dummies)
+
+
+def _sweep_rows(lm: LanguageModel, task: Task, sets: Sequence[PromptSet], fmt: PromptFormat, engine_args: dict) -> list[dict]:
+    """Task-vector predictions for every set's query at every layer (θ from the set itself)."""
+    _, thetas = icl_and_task_vectors(lm, sets, fmt, with_icl=False, **engine_args)
+    queries = [s.query for s in sets]
+    sweep = zero_shot_predictions(lm, queries, fmt, thetas=thetas, **engine_args)
+    rows = []
+    for layer in range(lm.n_layers):
+        rows += _rows(task, lm, "dev", "task_vector", layer, queries, sweep[:, layer].tolist())
+    return rows
+
+
+def layer_sweep(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentConfig | None = None) -> pd.DataFrame:
+    """Task-vector accuracy at every layer on ``config.n_dev`` dev sets per task (no test sets).
+
+    Returns the :func:`layer_accuracy` frame: task, category, layer, accuracy.
+    """
+    config = config or ExperimentConfig()
+    engine_args = {"batch_size": config.batch_size, "stats": None, "fast": config.fast_path}
+    rows = []
+    for name in tasks:
+        task, _ = prepare_task(lm, name, config)
+        rows += _sweep_rows(lm, task, _dev_sets(task, config), prompt_format(lm, config), engine_args)
+    return layer_accuracy(pd.DataFrame(rows))
+
+
 def run_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig | None = None,
              stats: ForwardStats | None = None) -> TaskRun:
     """The paper's main experiment on one task: baseline, ICL, layer sweep on dev, TV on test."""
@@ -199,16 +228,11 @@ def run_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig | Non
     task, report = prepare_task(lm, task, config)
     fmt = prompt_format(lm, config)
     engine_args = {"batch_size": config.batch_size, "stats": stats, "fast": config.fast_path}
-    dev = sample_sets(task, config.n_dev, config.n_demos, config.seed, "dev", config.n_dummies)
+    dev = _dev_sets(task, config)
     test = sample_sets(task, config.n_test, config.n_demos, config.seed, "test", config.n_dummies)
     base = [s.query for s in sample_sets(task, config.n_baseline, 0, config.seed, "baseline")]
 
-    rows = []
-    _, dev_thetas = icl_and_task_vectors(lm, dev, fmt, with_icl=False, **engine_args)
-    dev_q = [s.query for s in dev]
-    sweep = zero_shot_predictions(lm, dev_q, fmt, thetas=dev_thetas, **engine_args)
-    for layer in range(lm.n_layers):
-        rows += _rows(task, lm, "dev", "task_vector", layer, dev_q, sweep[:, layer].tolist())
+    rows = _sweep_rows(lm, task, dev, fmt, engine_args)
     dev_acc = pd.DataFrame(rows).groupby("layer")["correct"].mean()
     best = int(dev_acc.idxmax())  # ties -> the earliest layer
 

@@ -345,13 +345,14 @@ def tiny_tokenizer():
 
     from .tasks import get_task, list_tasks
 
-    pattern = r"\w+|->|[^\w\s]|\s"
+    pattern = r" ?\w+| ?->| ?[^\w\s]|\s"  # like GPT-2: a word keeps the space before it
     words: set[str] = set()
     for name in list_tasks():
         for p in get_task(name).pairs:
             for text in (p.input, p.output):
-                words.update(re.findall(pattern, text))
-    words.update(["example", "Q", "A", "->", ":", ",", "\n", " "])
+                for piece in re.findall(pattern, text):
+                    words.update({piece, " " + piece.lstrip(" "), piece.lstrip(" ")})
+    words.update(["example", "Q", "A", "->", " ->", ":", ",", "\n", " "])
     special = ["<pad>", "<eos>", "<bos>", "<unk>"]
     vocab = {t: i for i, t in enumerate(special + sorted(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

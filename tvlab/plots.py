@@ -76,3 +76,41 @@ def layer_curves(by_layer: pd.DataFrame, tasks: list[str] | None = None, title: 
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def next_token_bars(probs: pd.DataFrame, title: str | None = None, highlight: str | None = None,
+                    ax: plt.Axes | None = None) -> matplotlib.figure.Figure:
+    """Horizontal bars of the top next tokens (the frame of :func:`tvlab.explore.next_token_probs`)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 0.32 * len(probs) + 1.2))
+    df = probs.iloc[::-1]
+    colors = [METHOD_COLORS["task_vector"] if highlight is not None and t.strip() == highlight.strip()
+              else METHOD_COLORS["icl"] for t in df["token"]]
+    ax.barh([f"{t!r}" for t in df["token"]], df["probability"], color=colors)
+    for y, p in enumerate(df["probability"]):
+        ax.text(p, y, f" {p:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(1e-9, float(probs["probability"].max())) * 1.18)
+    ax.set_xlabel("probability of the next token")
+    ax.set_title(title or "What the model predicts next")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_demos(frame: pd.DataFrame, title: str | None = None) -> matplotlib.figure.Figure:
+    """ICL accuracy against the number of demonstrations, one line per task (category colours)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = "osD^vP*X"
+    for k, (task, rows) in enumerate(frame.groupby("task", sort=False)):
+        ax.plot(rows["n_demos"], rows["accuracy"], marker=markers[k % len(markers)], lw=1.8,
+                color=CATEGORY_COLORS.get(rows["category"].iloc[0], "black"), label=task)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("number of demonstrations in the prompt (0 = zero-shot)")
+    ax.set_ylabel("ICL accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "More demonstrations, better in-context learning")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+

@@ -1,0 +1,124 @@
+"""Checks for the notebooks' exercises: each tests a student's function against the library.
+
+>>> from tvlab import exercises
+>>> exercises.check_build_prompt(my_build_prompt)
+PASS: build_prompt writes the paper's prompt format.
+
+Every check prints PASS or FAIL with a hint, and returns True or False, so a course can
+grade a notebook by running it. Reference solutions: ``tvlab.solutions``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from .experiments import extract_task_vector, layer_accuracy
+from .models import LanguageModel
+from .prompts import FORMATS
+from .tasks import Pair, get_task
+
+
+def _report(ok: bool, passed: str, failed: str, hint: str) -> bool:
+    print(f"PASS: {passed}" if ok else f"FAIL: {failed}\n  Hint: {hint}")
+    return ok
+
+
+def _call(fn: Callable, *args):
+    try:
+        return fn(*args), None
+    except Exception as e:  # a student's bug: report it, don't crash the notebook
+        return None, f"{type(e).__name__}: {e}"
+
+
+def check_top_token(fn: Callable, lm: LanguageModel) -> bool:
+    """00: ``fn(lm, text) -> str`` returns the most likely next token."""
+    from .explore import next_token_probs
+
+    for text in ["example:hot->cold\nexample:big->", "The capital of France is"]:
+        got, err = _call(fn, lm, text)
+        want = next_token_probs(lm, text, k=1)["token"].iloc[0]
+        if err or got is None or repr(str(got))[1:-1] != want:
+            return _report(False, "", f"for {text!r} you returned {got!r}{' (' + err + ')' if err else ''}, "
+                           f"the model's top token is {want!r}.",
+                           "run lm.model on the token ids, take logits[0, -1] (the last position), argmax, "
+                           "and decode that one id with lm.tokenizer.decode([id]).")
+    return _report(True, "top_token finds the model's most likely next token.", "", "")
+
+
+def check_build_prompt(fn: Callable) -> bool:
+    """01: ``fn(demos, query) -> str`` writes the paper's format."""
+    cases = [([Pair("hot", "cold"), Pair("up", "down")], "big"), ([], "dog"), ([Pair("a", "b")], "c")]
+    for demos, query in cases:
+        got, err = _call(fn, demos, query)
+        want = FORMATS["paper"].render(demos, query)
+        if got != want:
+            return _report(False, "", f"for {len(demos)} demonstrations and query {query!r} you returned {got!r}"
+                           f"{' (' + err + ')' if err else ''}; expected {want!r}.",
+                           "one line 'example:{input}->{output}' per demonstration, joined by '\\n', then "
+                           "'example:{query}->' with nothing after the arrow.")
+    return _report(True, "build_prompt writes the paper's prompt format.", "", "")
+
+
+def check_extract_theta(fn: Callable, lm: LanguageModel, layer: int | None = None) -> bool:
+    """02: ``fn(lm, demos, dummies, layer) -> tensor [d_model]`` equals :func:`tvlab.extract_task_vector`."""
+    task = get_task("antonyms")
+    demos, dummies = list(task.pairs[:5]), list(task.pairs[5:7])
+    layer = lm.n_layers // 2 if layer is None else layer
+    got, err = _call(fn, lm, demos, dummies, layer)
+    want = extract_task_vector(lm, demos, dummies, layer)
+    if err or not isinstance(got, torch.Tensor):
+        return _report(False, "", f"your function did not return a tensor ({err or type(got).__name__}).",
+                       "return a 1-D tensor of size lm.d_model: the mean over dummy prompts of the hidden state.")
+    if got.shape != want.shape:
+        return _report(False, "", f"shape {tuple(got.shape)}, expected {tuple(want.shape)}.",
+                       "read one position (the last, -1) at one layer, and average over the dummies (dim 0).")
+    if not torch.allclose(got.float().cpu(), want, atol=1e-3, rtol=1e-3):
+        cos = torch.nn.functional.cosine_similarity(got.float().cpu(), want, dim=0).item()
+        return _report(False, "", f"the vector differs from tvlab's (cosine similarity {cos:.3f}).",
+                       "use the prompt S + x' (demonstrations, then a dummy query, not the test query), read "
+                       "the output of block `layer` at the last token, and average over both dummies. "
+                       "Remember lm.prompt_prefix.")
+    return _report(True, f"extract_theta matches tvlab's θ(S) at layer {layer}.", "", "")
+
+
+def check_patched_prediction(fn: Callable, lm: LanguageModel, layer: int | None = None) -> bool:
+    """02: ``fn(lm, query, theta, layer) -> str`` equals the library's patched prediction."""
+    from .experiments import decode_token, zero_shot_predictions
+    from .prompts import get_format
+
+    task = get_task("antonyms")
+    layer = lm.n_layers // 2 if layer is None else layer
+    theta = extract_task_vector(lm, task.pairs[:5], task.pairs[5:7], layer)
+    fmt = get_format("paper").with_prefix(lm.prompt_prefix)
+    for pair in task.pairs[10:13]:
+        thetas = theta.expand(1, lm.n_layers, -1)
+        want = decode_token(lm, int(zero_shot_predictions(lm, [pair], fmt, thetas=thetas, layers=[layer])[0, 0]))
+        got, err = _call(fn, lm, pair.input, theta, layer)
+        if err or got is None or str(got).strip() != want.strip():
+            return _report(False, "", f"for {pair.input!r} you predicted {got!r}{' (' + err + ')' if err else ''}; "
+                           f"patching gives {want!r}.",
+                           "build the zero-shot prompt 'example:{query}->', run it inside "
+                           "tvlab.patch_hidden(lm, layer, position=-1, value=theta), and decode the argmax "
+                           "of the last position's logits.")
+    return _report(True, f"patched_prediction reproduces the task-vector prediction at layer {layer}.", "", "")
+
+
+def check_best_layers(fn: Callable, by_layer: pd.DataFrame | None = None) -> bool:
+    """03: ``fn(by_layer) -> {task: layer}`` picks the best dev layer per task (earliest on ties)."""
+    if by_layer is None:
+        rows = []
+        for task, accs in {"a": [0.1, 0.5, 0.9, 0.2], "b": [0.3, 0.7, 0.7, 0.1], "c": [0.0, 0.0, 0.0, 0.0]}.items():
+            rows += [{"task": task, "category": "custom", "split": "dev", "method": "task_vector", "layer": layer,
+                      "correct": acc} for layer, acc in enumerate(accs)]
+        by_layer = layer_accuracy(pd.DataFrame(rows))
+    got, err = _call(fn, by_layer)
+    want = {t: int(r.sort_values("layer").set_index("layer")["accuracy"].idxmax())
+            for t, r in by_layer.groupby("task", sort=False)}
+    if err or not isinstance(got, dict) or {k: int(v) for k, v in got.items()} != want:
+        return _report(False, "", f"you returned {got!r}{' (' + err + ')' if err else ''}; expected {want}.",
+                       "group by task and take the layer of the highest accuracy; on a tie the earliest layer "
+                       "wins (idxmax after sorting by layer does exactly that).")
+    return _report(True, "best_layers picks each task's best dev layer.", "", "")
