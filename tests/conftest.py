@@ -1,7 +1,6 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download anything
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 
