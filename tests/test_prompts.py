@@ -47,5 +47,5 @@ def test_single_token_filter_counts_answers_in_context(tiny):
     task = tvlab.Task("t", "custom", tuple([Pair(f"x{i}", "dog") for i in range(10)] + [Pair("y", "two words")]))
     kept, report = tvlab.single_token_filter(task, tiny.tokenizer, fmt)
     assert report.kept == 10 and report.total == 11 and len(kept) == 10
-    with pytest.raises(TaskError, match="only 10 pairs remain"):
+    with pytest.raises(TaskError, match="10 usable pairs remain but a set needs 11"):
         tvlab.single_token_filter(task, tiny.tokenizer, fmt, min_pairs=11)

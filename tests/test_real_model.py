@@ -49,3 +49,11 @@ def test_single_token_filter_on_gemma(gemma):
     assert report.kept == report.total == 195  # knowledge tasks are scored by prefix: all kept
     _, report = tvlab.prepare_task(gemma, "en_es", CONFIG)
     assert 50 < report.kept < report.total  # the paper format glues the answer to "->"
+
+
+def test_batch_size_does_not_change_results_on_the_real_model(gemma):
+    config = tvlab.ExperimentConfig(n_test=10, n_dev=10, n_baseline=10)
+    small_batches = tvlab.ExperimentConfig(n_test=10, n_dev=10, n_baseline=10, batch_size=7)
+    a = tvlab.run_task(gemma, "antonyms", config).predictions
+    b = tvlab.run_task(gemma, "antonyms", small_batches).predictions
+    __import__("pandas").testing.assert_frame_equal(a, b)

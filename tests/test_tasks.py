@@ -57,7 +57,7 @@ def test_user_task_from_json_and_csv(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('[{"input": "a"}]', "needs both"),
-    ('[{"input": "a", "output": ""}]', "empty output"),
+    ('[{"input": "a", "output": ""}]', "the output is empty"),
     ('[{"input": "a", "output": "b"}, {"input": "a", "output": "c"}]', "mapped to two outputs"),
     ("[]", "holds no pairs"),
 ])

