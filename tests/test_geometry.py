@@ -1,0 +1,95 @@
+"""Geometry, conflicting tasks and vector inspection (machinery, on tiny models)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import tvlab
+from tvlab import conflicts, geometry, inspect_vectors
+
+
+@pytest.fixture(scope="module")
+def bank(tiny):
+    return geometry.collect_task_vectors(tiny, ["antonyms", "next_letter", "to_upper"], n_per_task=6)
+
+
+def test_collect_shapes_and_labels(bank, tiny):
+    assert bank.vectors.shape == (18, tiny.n_layers, tiny.d_model)
+    assert list(bank.labels.columns) == ["task", "category", "set"]
+    assert bank.tasks == ["antonyms", "next_letter", "to_upper"]
+    assert bank.settings["n_demos"] == 4 and bank.settings["n_per_task"] == 6
+
+
+def test_vectors_equal_extract_task_vector(bank, tiny):
+    task = tvlab.get_task("antonyms")
+    config = tvlab.ExperimentConfig(n_demos=4)
+    filtered, _ = tvlab.prepare_task(tiny, task, config)
+    s = tvlab.sample_sets(filtered, 6, 4, 41, "geometry", 2)[2]
+    theta = tvlab.extract_task_vector(tiny, s.demos, s.dummies, layer=1)
+    torch.testing.assert_close(bank.vectors[2, 1], theta, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(bank, tmp_path):
+    path = bank.save(tmp_path / "tv.safetensors")
+    again = geometry.TaskVectors.load(path)
+    assert torch.equal(again.vectors, bank.vectors)
+    pd.testing.assert_frame_equal(again.labels, bank.labels)
+    assert again.settings == bank.settings
+
+
+def test_distances_on_a_known_geometry():
+    # Two tight clusters in opposite directions: within ~0, between ~2.
+    base = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    vectors = torch.cat([base[0] + 0.01 * torch.randn(5, 2), base[1] + 0.01 * torch.randn(5, 2)]).unsqueeze(1)
+    labels = pd.DataFrame({"task": ["a"] * 5 + ["b"] * 5, "category": "custom", "set": list(range(5)) * 2})
+    bank = geometry.TaskVectors(vectors, labels, {})
+    summary = geometry.distance_summary(bank, 0)
+    assert summary["within"] < 0.01 and summary["between"] > 1.9
+    sep = geometry.separability(bank, 0)
+    assert sep["nearest_centroid_accuracy"] == 1.0 and sep["silhouette"] > 0.9 and sep["chance"] == 0.5
+    assert geometry.variability(bank, 0)["variability"].max() < 0.01
+    pairs = geometry.pairwise_distances(bank, 0)
+    assert (pairs["kind"] == "within task").sum() == 2 * 10 and len(pairs) == 45
+
+
+def test_embed_2d_and_by_layer(bank, tiny):
+    for method in ("pca", "tsne"):
+        xy = geometry.embed_2d(bank, layer=2, method=method)
+        assert list(xy.columns) == ["task", "category", "x", "y"] and len(xy) == 18
+        assert np.isfinite(xy[["x", "y"]].to_numpy()).all()
+    table = geometry.by_layer(bank)
+    assert list(table["layer"]) == list(range(tiny.n_layers))
+    with pytest.raises(ValueError, match="method must be"):
+        geometry.embed_2d(bank, 0, method="umap")
+    with pytest.raises(ValueError, match="out of range"):
+        bank.at(99)
+
+
+def test_top_tokens_are_the_unembedding_of_the_normed_vector(tiny):
+    v = torch.randn(tiny.d_model)
+    top = inspect_vectors.top_tokens(tiny, v, k=3)
+    with torch.no_grad():
+        logits = tiny.unembed(tiny.final_norm(v.view(1, 1, -1)))[0, 0]
+    assert top["logit"].iloc[0] == pytest.approx(float(logits.max()), abs=0.01)
+    with pytest.raises(ValueError, match="hidden size"):
+        inspect_vectors.top_tokens(tiny, torch.zeros(3))
+
+
+def test_top_tokens_by_task(bank, tiny):
+    table = inspect_vectors.top_tokens_by_task(tiny, bank, layer=2, k=4)
+    assert list(table["task"]) == bank.tasks and table["top_tokens"].str.count(",").eq(3).all()
+
+
+def test_conflicting_tasks_scores_both_answers(tiny):
+    frame = conflicts.conflicting_tasks(tiny, "next_letter", "to_upper", n_sets=6, n_dev=3)
+    assert list(frame["method"]) == ["icl", "task_vector"]
+    assert frame["as_a"].between(0, 1).all() and frame["as_b"].between(0, 1).all()
+    assert frame.loc[1, "layer"] == frame.loc[1, "layer"]  # a chosen layer, not missing
+    fixed = conflicts.conflicting_tasks(tiny, "next_letter", "to_upper", n_sets=6, layer=1)
+    assert fixed.loc[1, "layer"] == 1
+
+
+def test_conflicting_tasks_need_shared_inputs(tiny):
+    with pytest.raises(tvlab.TaskError, match="share only 0 inputs"):
+        conflicts.conflicting_tasks(tiny, "country_capital", "antonyms", n_sets=2, layer=1)
