@@ -32,15 +32,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 6) -> float:
-    """FLOP/s of a large square matmul in ``dtype`` (best of ``repeats``)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 6, device: str = "cpu") -> float:
+    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (best of ``repeats``)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
