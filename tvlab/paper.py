@@ -44,3 +44,15 @@ def category_means() -> pd.DataFrame:
     """Means over all models and tasks of each category."""
     df = results()
     return _with_ratio(df.groupby("category", sort=False)[["baseline", "icl", "task_vector"]].mean()).reset_index()
+
+
+def layer_peaks() -> pd.DataFrame:
+    """Where the paper's dev accuracy by layer peaks (its Figure 2): model, peak layer, layers, accuracy.
+
+    ``relative_depth`` = peak layer / number of layers, to compare models of different depth.
+    Values as read off the paper's figure (approximate where the paper gives "~").
+    """
+    df = pd.DataFrame([("LLaMA 7B", 14, 32, .86), ("LLaMA 13B", 15, 40, .80), ("LLaMA 30B", 18, 60, .77),
+                       ("GPT-J 6B", 12, 28, .64), ("Pythia 6.9B", 13, 32, .78)],
+                      columns=["model", "peak_layer", "n_layers", "peak_accuracy"])
+    return df.assign(relative_depth=(df["peak_layer"] / df["n_layers"]).round(3))
