@@ -19,7 +19,7 @@ from .models import LanguageModel
 from .prompts import sample_sets, tokenize
 from .tasks import Task, TaskError
 
-#: The paper's pairs (A -> B) and its LLaMA-13B results (Hendel et al. 2023, Table 4).
+#: The paper's pairs (A -> B) and its LLaMA-13B results (Hendel et al. 2023, conflicting-tasks experiment).
 PAPER_CONFLICTS = pd.DataFrame([
     ("next_letter", "to_upper", .91, .00, .10, .77),
     ("list_last", "list_first", .95, .05, .20, .78),

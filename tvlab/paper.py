@@ -1,7 +1,7 @@
 """The paper's published numbers, to compare against.
 
 Hendel, Geva, Globerson. "In-Context Learning Creates Task Vectors." Findings of EMNLP
-2023, arXiv:2310.15916, Table 1 / Figure 3 (per task and model: zero-shot baseline,
+2023, arXiv:2310.15916: its main result per task and model (zero-shot baseline,
 task vector, ICL accuracy). ``paper_main_results.csv`` holds that table as published.
 
 >>> tvlab.paper.results().head()
@@ -14,7 +14,7 @@ from importlib.resources import files
 
 import pandas as pd
 
-CITATION = "Hendel, Geva & Globerson (2023), In-Context Learning Creates Task Vectors, Findings of EMNLP, Table 1"
+CITATION = "Hendel, Geva & Globerson (2023), In-Context Learning Creates Task Vectors, Findings of EMNLP, main results"
 
 
 def results() -> pd.DataFrame:
@@ -47,7 +47,7 @@ def category_means() -> pd.DataFrame:
 
 
 def layer_peaks() -> pd.DataFrame:
-    """Where the paper's dev accuracy by layer peaks (its Figure 2): model, peak layer, layers, accuracy.
+    """Where the paper's dev accuracy by layer peaks (its layer figure): model, peak layer, layers, accuracy.
 
     ``relative_depth`` = peak layer / number of layers, to compare models of different depth.
     Values as read off the paper's figure (approximate where the paper gives "~").

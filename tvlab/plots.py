@@ -1,7 +1,7 @@
 """Figures, drawn from the tidy frames that the experiments return.
 
->>> fig = tvlab.plots.main_bars(summary)          # the paper's Figure 3, for your model
->>> fig = tvlab.plots.layer_curves(by_layer)      # accuracy by layer (the paper's Figure 2)
+>>> fig = tvlab.plots.main_bars(summary)          # the paper's main-result bars, for your model
+>>> fig = tvlab.plots.layer_curves(by_layer)      # accuracy by layer (the paper's layer figure)
 
 One palette per category across the whole series (:data:`CATEGORY_COLORS`), and one per
 method (:data:`METHOD_COLORS`). Labels always come from the same frame as the bars.
