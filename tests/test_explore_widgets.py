@@ -58,6 +58,16 @@ def test_icl_explorer_responds_to_its_controls(tiny):
     e.controls["query"].value = "  "
     assert e.result is None and "type a query" in e.error
     assert e.controls["n_demos"].continuous_update is False
+    e.controls["task"].value = "country_capital"  # a new task brings one of its own queries
+    assert e.controls["query"].value == tvlab.get_task("country_capital").pairs[0].input
+    assert e.result["prompt"].endswith(f"example:{e.controls['query'].value}->")
+
+
+def test_helper_modules_load_on_first_use():
+    for name in ("exercises", "solutions", "widgets"):
+        assert getattr(tvlab, name).__name__ == f"tvlab.{name}"
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        tvlab.nonsense
 
 
 def test_patching_explorer_uses_the_chosen_layer(tiny):

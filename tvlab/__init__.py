@@ -28,3 +28,12 @@ __all__ = [
     "run_task", "sample_sets", "single_token_filter", "summarize", "tiny_model", "tokenize", "zero_shot_predictions",
     "conflicts", "explore", "geometry", "inspect_vectors", "paper", "plots", "reproduce",
 ]
+
+
+def __getattr__(name):
+    # The notebook helpers load on first use: widgets needs ipywidgets, which plain library use does not.
+    if name in ("exercises", "solutions", "widgets"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tvlab' has no attribute {name!r}")

@@ -89,7 +89,17 @@ def icl_explorer(lm: LanguageModel, task: str = "antonyms", n_demos: int = 5, qu
         out.append_stdout("Prompt:\n" + result["prompt"] + "\n")
         _show_figure(out, plots.next_token_bars(result["probs"], title="Next-token probabilities"))
 
-    return Explorer(controls, compute, draw, "In-context learning, live")
+    explorer = Explorer(controls, compute, draw, "In-context learning, live")
+    _new_task_new_query(controls)
+    return explorer
+
+
+def _new_task_new_query(controls: dict) -> None:
+    """When the task changes, put one of its own inputs in the query box (which redraws)."""
+    def on_task(change):
+        controls["query"].value = get_task(change["new"]).pairs[0].input
+
+    controls["task"].observe(on_task, names="value")
 
 
 def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int = 10, query: str | None = None,
@@ -112,7 +122,9 @@ def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int = 10
                           f"Expected: {result.expected}\n\n")
         out.append_stdout(result.table().to_string(index=False) + "\n")
 
-    return Explorer(controls, compute, draw, "Three ways to answer one query")
+    explorer = Explorer(controls, compute, draw, "Three ways to answer one query")
+    _new_task_new_query(controls)
+    return explorer
 
 
 def layer_explorer(by_layer: pd.DataFrame, tasks: list[str] | None = None) -> Explorer:
