@@ -1,5 +1,6 @@
 """The functions behind the notebooks' widgets, and the widgets driven without a browser."""
 
+import pandas as pd
 import pytest
 
 import tvlab
@@ -107,3 +108,36 @@ def test_exercise_checks_fail_wrong_answers_with_a_hint(tiny, capsys):
     assert not exercises.check_top_token(lambda lm, text: 1 / 0, tiny)  # a crash is reported, not raised
     out = capsys.readouterr().out
     assert out.count("FAIL") == 5 and out.count("Hint:") == 5 and "ZeroDivisionError" in out
+
+
+def test_next_token_explorer_follows_the_prompt(tiny):
+    e = widgets.next_token_explorer(tiny, text="example:hot->cold\nexample:big->", k=3)
+    e.refresh()
+    assert len(e.result) == 3
+    pd.testing.assert_frame_equal(e.result, explore.next_token_probs(tiny, "example:hot->cold\nexample:big->", k=3))
+    e.controls["k"].value = 5
+    assert len(e.result) == 5 and e.out.outputs[0]["text"].startswith("Most likely next token:")
+    assert e.out.outputs[1]["output_type"] == "display_data"  # the bar chart
+    e.controls["text"].value = " "
+    assert e.result is None and "type a prompt" in e.error
+
+
+def test_model_explorer_runs_the_chosen_model_and_task(tiny):
+    other = tvlab.tiny_model("gpt2")
+    config = tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2)
+    e = widgets.model_explorer({"llama": tiny, "gpt2": other}, tasks=["to_upper", "antonyms"], config=config)
+    e.refresh()
+    assert e.result[0] == "llama" and e.result[2].task == "to_upper"
+    e.controls["model"].value = "gpt2"
+    e.controls["task"].value = "antonyms"
+    model, n_layers, run = e.result
+    assert (model, n_layers, run.task) == ("gpt2", other.n_layers, "antonyms")
+    assert e.out.outputs[0]["text"].startswith("gpt2, antonyms: baseline")
+
+
+def test_peak_relative_depth_check(capsys):
+    assert exercises.check_peak_relative_depth(solutions.peak_relative_depth)
+    assert not exercises.check_peak_relative_depth(lambda by_layer, n: by_layer["accuracy"].idxmax() / n)
+    assert not exercises.check_peak_relative_depth(lambda by_layer, n: None)
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 1 and out.count("FAIL") == 2 and out.count("Hint:") == 2

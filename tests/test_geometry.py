@@ -93,3 +93,70 @@ def test_conflicting_tasks_scores_both_answers(tiny):
 def test_conflicting_tasks_need_shared_inputs(tiny):
     with pytest.raises(tvlab.TaskError, match="share only 0 inputs"):
         conflicts.conflicting_tasks(tiny, "country_capital", "antonyms", n_sets=2, layer=1)
+
+
+def test_notebook_exercise_checks_on_a_bank(bank, tiny, capsys):
+    """The checks of notebooks 04-06 pass the reference solutions and fail wrong or crashing answers."""
+    from tvlab import exercises, solutions
+
+    layers = (0, tiny.n_layers - 1)
+    assert exercises.check_mean_within_task_distance(solutions.mean_within_task_distance, bank, layers)
+    assert exercises.check_winner(solutions.winner)
+    assert exercises.check_top_k_tokens(solutions.top_k_tokens, tiny, bank, layer=2)
+    assert capsys.readouterr().out.count("PASS") == 3
+
+    assert not exercises.check_mean_within_task_distance(lambda b, layer: None, bank, layers)
+    assert not exercises.check_mean_within_task_distance(  # all pairs, not only within a task
+        lambda b, layer: geometry.distance_summary(b, layer)["between"], bank, layers)
+    assert not exercises.check_winner(lambda frame: "B")
+    assert not exercises.check_winner(lambda frame: frame.loc[99])  # a crash is reported, not raised
+    assert not exercises.check_top_k_tokens(lambda lm, v, k: solutions.top_k_tokens(lm, v, k)[::-1], tiny, bank, layer=2)
+    out = capsys.readouterr().out
+    assert out.count("FAIL") == 5 and out.count("Hint:") == 5 and "KeyError" in out
+
+
+def test_geometry_explorer_redraws_at_the_new_layer(bank):
+    from tvlab import widgets
+
+    e = widgets.geometry_explorer(bank, layer=1)
+    e.refresh()
+    assert e.result["layer"] == 1 and len(e.result["emb"]) == len(bank.labels)
+    e.controls["layer"].value = 2
+    assert e.result["layer"] == 2
+    assert e.result["within"] == geometry.distance_summary(bank, 2)["within"]
+    assert e.out.outputs[0]["text"].startswith("layer 2: within")
+    assert e.out.outputs[1]["output_type"] == "display_data"
+
+
+def test_conflict_explorer_scores_the_chosen_pair(tiny):
+    from tvlab import widgets
+
+    e = widgets.conflict_explorer(tiny, "next_letter", "to_upper", n_sets=3, n_dev=2)
+    e.refresh()
+    assert set(e.result["method"]) == {"icl", "task_vector"} and set(e.result["task_b"]) == {"to_upper"}
+    e.controls["task_b"].value = "prev_letter"
+    assert set(e.result["task_b"]) == {"prev_letter"}
+    assert "With θ of prev_letter patched at layer" in e.out.outputs[1]["text"]
+    e.controls["task_b"].value = "country_capital"  # no shared inputs: said in the output area
+    assert e.result is None and "share only" in e.error
+
+
+def test_top_tokens_explorer_centers_by_default(bank, tiny):
+    from tvlab import widgets
+
+    e = widgets.top_tokens_explorer(tiny, bank, task="to_upper", layer=1, k=4)
+    e.refresh()
+    want = inspect_vectors.top_tokens(tiny, bank.mean("to_upper", 1) - bank.vectors[:, 1].mean(0), k=4)
+    pd.testing.assert_frame_equal(e.result, want)
+    e.controls["layer"].value = 2
+    assert e.result.equals(inspect_vectors.top_tokens(tiny, bank.mean("to_upper", 2) - bank.vectors[:, 2].mean(0), k=4))
+    assert "rank" in e.out.outputs[0]["text"]
+
+
+def test_task_scatter_draws_one_series_per_task(bank):
+    import matplotlib.pyplot as plt
+
+    fig = tvlab.plots.task_scatter(geometry.embed_2d(bank, 1, "pca"), "t")
+    assert len(fig.axes[0].collections) == len(bank.tasks)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == bank.tasks
+    plt.close(fig)

@@ -122,3 +122,80 @@ def check_best_layers(fn: Callable, by_layer: pd.DataFrame | None = None) -> boo
                        "group by task and take the layer of the highest accuracy; on a tie the earliest layer "
                        "wins (idxmax after sorting by layer does exactly that).")
     return _report(True, "best_layers picks each task's best dev layer.", "", "")
+
+
+def check_mean_within_task_distance(fn: Callable, bank, layers: tuple[int, ...] = (0, 10)) -> bool:
+    """04: ``fn(bank, layer) -> float`` equals ``geometry.distance_summary(bank, layer)["within"]``."""
+    import math
+
+    from .geometry import distance_summary
+
+    for layer in layers:
+        want = distance_summary(bank, layer)["within"]
+        got, err = _call(fn, bank, layer)
+        try:
+            ok = err is None and got is not None and math.isclose(float(got), want, rel_tol=1e-3)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            return _report(False, "", f"at layer {layer} you returned {got!r}{' (' + err + ')' if err else ''}; "
+                           f"expected {want:.5f}.",
+                           "cosine distance = 1 - (unit rows) @ (unit rows).T; average the entries with equal "
+                           "tasks, diagonal excluded.")
+    return _report(True, "mean_within_task_distance matches geometry.distance_summary.", "", "")
+
+
+def check_winner(fn: Callable) -> bool:
+    """05: ``fn(frame) -> 'A' | 'B' | 'neither'``, judged on the task_vector row of a conflicts frame."""
+    cases = [((.9, .0), (.1, .8), "B"), ((.9, .0), (.7, .2), "A"), ((.9, .0), (.3, .4), "neither"),
+             ((.9, .0), (.5, .5), "neither"), ((.1, .9), (.8, .1), "A"), ((.9, .1), (.45, .3), "neither")]
+    for icl, tv, want in cases:
+        frame = pd.DataFrame({"method": ["icl", "task_vector"], "as_a": [icl[0], tv[0]], "as_b": [icl[1], tv[1]]})
+        got, err = _call(fn, frame)
+        if got != want:
+            return _report(False, "", f"for task_vector as_a={tv[0]}, as_b={tv[1]} (ICL row as_a={icl[0]}, "
+                           f"as_b={icl[1]}) you returned {got!r}{' (' + err + ')' if err else ''}; expected {want!r}.",
+                           "look only at the task_vector row; the winner must be strictly ahead AND reach 0.5.")
+    return _report(True, "winner applies the rule on the task_vector row.", "", "")
+
+
+def check_top_k_tokens(fn: Callable, lm: LanguageModel, bank, layer: int | None = None) -> bool:
+    """06: ``fn(lm, vector, k) -> [str]`` gives the logit-lens top tokens of :func:`inspect_vectors.top_tokens`."""
+    from .inspect_vectors import top_tokens
+
+    layer = min(11, bank.n_layers - 1) if layer is None else layer
+    tasks = bank.tasks
+    cases = [(bank.mean(tasks[0], layer), 5), (bank.mean(tasks[-1], layer) - bank.vectors[:, layer].mean(0), 8)]
+    for vector, k in cases:
+        want = top_tokens(lm, vector, k)["token"].tolist()
+        got, err = _call(fn, lm, vector, k)
+        if err is None and got is not None:
+            got = [str(t).strip() or repr(t) for t in got]
+        if got != want:
+            return _report(False, "", f"for k={k} you returned {got!r}{' (' + err + ')' if err else ''};\n"
+                           f"  expected {want!r}.",
+                           "logits = lm.unembed(lm.final_norm(vector.reshape(1, 1, -1)))[0, 0]; then topk(k) "
+                           "and decode each id.")
+    return _report(True, "top_k_tokens reads vectors like inspect_vectors.top_tokens.", "", "")
+
+
+def check_peak_relative_depth(fn: Callable, curves: dict[str, tuple[pd.DataFrame, int]] | None = None) -> bool:
+    """07: ``fn(by_layer, n_layers) -> float``: layer of the task-averaged peak / number of layers.
+
+    ``curves``: ``{model: (by_layer, n_layers)}`` to check on; a small made-up pair of models otherwise.
+    """
+    if curves is None:
+        def frame(accs):  # two tasks, one accuracy list each
+            return pd.DataFrame([{"task": t, "layer": layer, "accuracy": acc}
+                                 for t, row in zip("ab", accs) for layer, acc in enumerate(row)])
+        curves = {"made-up 4 layers": (frame([[0.1, 0.8, 0.3, 0.0], [0.2, 0.2, 0.9, 0.0]]), 4),
+                  "made-up 5 layers": (frame([[0.0, 0.0, 0.6, 0.6, 0.1], [0.0, 0.1, 0.6, 0.6, 0.0]]), 5)}
+    for name, (by_layer, n_layers) in curves.items():
+        want = int(by_layer.groupby("layer")["accuracy"].mean().idxmax()) / n_layers
+        got, err = _call(fn, by_layer, n_layers)
+        if err or not isinstance(got, (int, float)) or abs(got - want) > 1e-9:
+            return _report(False, "", f"for {name} you returned {got!r}{' (' + err + ')' if err else ''}, "
+                           f"expected {want:.3f}.",
+                           "average the accuracy over tasks per layer (groupby('layer')), take idxmax() of that "
+                           "mean (the earliest layer on a tie), and divide by n_layers.")
+    return _report(True, f"peak_relative_depth finds the peak of {len(curves)} mean curves.", "", "")

@@ -114,3 +114,21 @@ def accuracy_vs_demos(frame: pd.DataFrame, title: str | None = None) -> matplotl
     fig.tight_layout()
     return fig
 
+
+
+_MARKERS = "osD^v<>P"
+
+
+def task_scatter(emb: pd.DataFrame, title: str | None = None, ax: plt.Axes | None = None,
+                 legend: bool = True) -> matplotlib.figure.Figure:
+    """A 2-D embedding of task vectors (:func:`tvlab.geometry.embed_2d`): one colour per category, one marker per task."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(9, 5.5))
+    for category, rows in emb.groupby("category", sort=False):
+        for k, (task, r) in enumerate(rows.groupby("task", sort=False)):
+            ax.scatter(r.x, r.y, s=16, marker=_MARKERS[k % len(_MARKERS)], color=CATEGORY_COLORS.get(category, "#777777"),
+                       alpha=0.8, label=task)
+    ax.set(title=title or "Task vectors in 2-D", xticks=[], yticks=[])
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1), frameon=False)
+    fig.tight_layout()
+    return fig

@@ -54,3 +54,37 @@ def best_layers(by_layer: pd.DataFrame) -> dict[str, int]:
         rows = rows.sort_values("layer")
         best[task] = int(rows.loc[rows["accuracy"].idxmax(), "layer"])
     return best
+
+
+def mean_within_task_distance(bank, layer: int) -> float:
+    """04: the mean cosine distance between two different vectors of the same task, at ``layer``."""
+    x = torch.as_tensor(bank.at(layer), dtype=torch.float64)
+    unit = x / x.norm(dim=1, keepdim=True)
+    distance = 1 - unit @ unit.T
+    tasks = bank.labels["task"].to_numpy()
+    same = torch.as_tensor(tasks[:, None] == tasks[None, :]) & ~torch.eye(len(x), dtype=torch.bool)
+    return float(distance[same].mean())
+
+
+def winner(frame: pd.DataFrame) -> str:
+    """05: 'B' if the patched vector wins (strictly ahead, at least 0.5), 'A' if the prompt does, else 'neither'."""
+    tv = frame.set_index("method").loc["task_vector"]
+    if tv.as_b > tv.as_a and tv.as_b >= 0.5:
+        return "B"
+    if tv.as_a > tv.as_b and tv.as_a >= 0.5:
+        return "A"
+    return "neither"
+
+
+def top_k_tokens(lm: LanguageModel, vector: torch.Tensor, k: int) -> list[str]:
+    """06: the logit lens: final norm, unembedding, then the ``k`` best tokens, decoded."""
+    with torch.no_grad():
+        h = vector.to(device=lm.device, dtype=lm.dtype).reshape(1, 1, -1)
+        logits = lm.unembed(lm.final_norm(h))[0, 0]
+    return [lm.tokenizer.decode([i]) for i in logits.topk(k).indices.tolist()]
+
+
+def peak_relative_depth(by_layer: pd.DataFrame, n_layers: int) -> float:
+    """07: where the task-averaged accuracy curve peaks, as a fraction of the model's depth."""
+    mean = by_layer.groupby("layer")["accuracy"].mean()
+    return float(mean.idxmax() / n_layers)

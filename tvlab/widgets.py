@@ -3,6 +3,11 @@
 >>> tvlab.widgets.icl_explorer(lm)            # pick a task, demonstrations, your own query
 >>> tvlab.widgets.patching_explorer(lm)       # ICL vs task vector vs baseline at a layer
 >>> tvlab.widgets.layer_explorer(by_layer)    # accuracy-by-layer curves for chosen tasks
+>>> tvlab.widgets.next_token_explorer(lm)     # type any prompt, see the top next tokens
+>>> tvlab.widgets.geometry_explorer(bank)     # a bank of task vectors, layer by layer
+>>> tvlab.widgets.conflict_explorer(lm)       # A's demonstrations, B's vector: who wins?
+>>> tvlab.widgets.top_tokens_explorer(lm, bank)  # the logit lens of a task's mean vector
+>>> tvlab.widgets.model_explorer({"a": lm_a, "b": lm_b})  # one task on several models
 
 Each explorer is controls + an Output area. Its callback calls plain tvlab functions
 (``tvlab.explore``, ``tvlab.plots``), keeps what they returned in ``.result``, and draws it.
@@ -141,3 +146,108 @@ def layer_explorer(by_layer: pd.DataFrame, tasks: list[str] | None = None) -> Ex
         _show_figure(out, plots.layer_curves(result))
 
     return Explorer(controls, compute, draw, "Task-vector accuracy by layer")
+
+
+def next_token_explorer(lm: LanguageModel, text: str = "example:hot->cold\nexample:up->down\nexample:big->",
+                        k: int = 8) -> Explorer:
+    """Type any prompt: see the model's top next tokens and their probabilities."""
+    controls = {"text": W.Textarea(value=text, description="prompt", rows=4, continuous_update=False,
+                                   layout=W.Layout(width="420px")),
+                "k": W.IntSlider(value=k, min=1, max=20, description="top k", continuous_update=False)}
+
+    def compute(text, k):
+        if not text.strip():
+            raise ValueError("type a prompt in the box")
+        return explore.next_token_probs(lm, text, k=k)
+
+    def draw(probs, out):
+        out.append_stdout(f"Most likely next token: {probs['token'].iloc[0]!r} "
+                          f"(probability {probs['probability'].iloc[0]:.2f})\n")
+        _show_figure(out, plots.next_token_bars(probs, title=f"The top {len(probs)} next tokens"))
+
+    return Explorer(controls, compute, draw, "What comes next?")
+
+
+def geometry_explorer(bank, layer: int = 10, method: str = "pca") -> Explorer:
+    """A layer slider over a bank of task vectors: distances, separability and a 2-D picture at that layer."""
+    from . import geometry
+
+    controls = {"layer": W.IntSlider(value=layer, min=0, max=bank.n_layers - 1, description="layer",
+                                     continuous_update=False)}
+
+    def compute(layer):
+        return {"layer": layer, "emb": geometry.embed_2d(bank, layer, method),
+                **geometry.distance_summary(bank, layer), **geometry.separability(bank, layer)}
+
+    def draw(r, out):
+        out.append_stdout(f"layer {r['layer']}: within {r['within']:.4f}, between {r['between']:.4f} "
+                          f"(ratio {r['ratio']:.2f}); nearest-centroid accuracy "
+                          f"{r['nearest_centroid_accuracy']:.2f}, silhouette {r['silhouette']:.2f}\n")
+        _show_figure(out, plots.task_scatter(r["emb"], f"{method.upper()} of the task vectors at layer {r['layer']}"))
+
+    return Explorer(controls, compute, draw, "Task vectors by layer")
+
+
+def conflict_explorer(lm: LanguageModel, task_a: str = "antonyms", task_b: str = "en_fr", n_sets: int = 12,
+                      n_dev: int = 10, tasks: list[str] | None = None) -> Explorer:
+    """Pick A (the prompt's demonstrations) and B (the patched vector): who wins?"""
+    from .conflicts import conflicting_tasks
+
+    options = tasks or list_tasks(include_extra=False)
+    controls = {"task_a": W.Dropdown(options=options, value=task_a, description="A (prompt)"),
+                "task_b": W.Dropdown(options=options, value=task_b, description="B (vector)")}
+
+    def compute(task_a, task_b):
+        return conflicting_tasks(lm, task_a, task_b, n_sets=n_sets, n_dev=n_dev)
+
+    def draw(frame, out):
+        out.append_stdout(frame.round(2).to_string(index=False) + "\n\n")
+        tv = frame.set_index("method").loc["task_vector"]
+        out.append_stdout(f"With θ of {tv.task_b} patched at layer {tv.layer}: {tv.as_b:.2f} of the answers are "
+                          f"{tv.task_b}'s, {tv.as_a:.2f} are {tv.task_a}'s.\n")
+
+    return Explorer(controls, compute, draw, "Who wins: the prompt (A) or the task vector (B)?")
+
+
+def top_tokens_explorer(lm: LanguageModel, bank, task: str | None = None, layer: int = 11, k: int = 10,
+                        center: bool = True) -> Explorer:
+    """Pick a task and a layer: the logit-lens top tokens of that task's mean vector (centered by default)."""
+    from .inspect_vectors import top_tokens
+
+    controls = {"task": W.Dropdown(options=bank.tasks, value=task or bank.tasks[0], description="task"),
+                "layer": W.IntSlider(value=layer, min=0, max=bank.n_layers - 1, description="layer",
+                                     continuous_update=False)}
+
+    def compute(task, layer):
+        offset = bank.vectors[:, layer].mean(0) if center else 0.0
+        return top_tokens(lm, bank.mean(task, layer) - offset, k=k)
+
+    def draw(table, out):
+        out.append_stdout(table.to_string(index=False, float_format="%.2f") + "\n")
+
+    title = "Top tokens of a task's " + ("centered " if center else "") + "mean vector"
+    return Explorer(controls, compute, draw, title)
+
+
+def model_explorer(models: dict[str, LanguageModel], tasks: list[str] | None = None, task: str = "to_upper",
+                   config=None) -> Explorer:
+    """Pick a model and a task: its baseline, ICL and task-vector accuracy, and its curve by layer."""
+    from .experiments import ExperimentConfig, run_task
+
+    config = config or ExperimentConfig(n_test=8, n_dev=8, n_baseline=8)
+    controls = {"model": W.Dropdown(options=list(models), description="model"),
+                "task": _task_dropdown(tasks, task)}
+
+    def compute(model, task):
+        return model, models[model].n_layers, run_task(models[model], task, config)
+
+    def draw(result, out):
+        model, n_layers, run = result
+        s = run.summary.iloc[0]
+        out.append_stdout(f"{model}, {run.task}: baseline {s.baseline:.2f}, ICL {s.icl:.2f}, task vector "
+                          f"{s.task_vector:.2f} at layer {run.best_layer} of {n_layers} "
+                          f"(relative depth {run.best_layer / n_layers:.2f})\n")
+        _show_figure(out, plots.layer_curves(run.by_layer, title=f"{model}: task-vector accuracy by layer "
+                                                                 f"({config.n_dev} dev sets)"))
+
+    return Explorer(controls, compute, draw, "One task, one model")
