@@ -40,6 +40,17 @@ def test_bad_dtype_is_refused():
         tvlab.load_model("tiny-llama", dtype="float8")
 
 
+def test_dtype_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TVLAB_DTYPE", "bfloat16")  # what Binder sets
+    assert tvlab.load_model("tiny-llama").dtype == torch.bfloat16
+    assert tvlab.load_model("tiny-llama", dtype="float32").dtype == torch.float32  # an explicit dtype wins
+    monkeypatch.setenv("TVLAB_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="TVLAB_DTYPE='fp8'.*unset it"):
+        tvlab.load_model("tiny-llama")
+    monkeypatch.delenv("TVLAB_DTYPE")
+    assert tvlab.load_model("tiny-llama").dtype == torch.float32
+
+
 def test_tiny_model_by_name_and_dtype():
     lm = tvlab.load_model("tiny-gpt2", dtype="bfloat16")
     assert lm.dtype == torch.bfloat16 and lm.model.config.model_type == "gpt2"

