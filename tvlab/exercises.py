@@ -199,3 +199,25 @@ def check_peak_relative_depth(fn: Callable, curves: dict[str, tuple[pd.DataFrame
                            "average the accuracy over tasks per layer (groupby('layer')), take idxmax() of that "
                            "mean (the earliest layer on a tie), and divide by n_layers.")
     return _report(True, f"peak_relative_depth finds the peak of {len(curves)} mean curves.", "", "")
+
+
+def check_add_patch(fn: Callable, lm: LanguageModel, layer: int | None = None) -> bool:
+    """08: ``fn(lm, text, vector, layer, scale) -> str``: the next token with ``scale * vector`` ADDED at the last token."""
+    from .experiments import decode_token
+    from .hooks import patch_hidden
+
+    layer = lm.n_layers // 2 if layer is None else layer
+    task = get_task("antonyms")
+    vector = extract_task_vector(lm, task.pairs[:5], task.pairs[5:7], layer)
+    for text, scale in [("example:fast->", 1.0), ("example:hot->", 0.5), ("example:young->", 2.0)]:
+        ids = lm.tokenizer(lm.prompt_prefix + text, return_tensors="pt").input_ids.to(lm.device)
+        with torch.no_grad(), patch_hidden(lm, layer, -1, scale * vector, mode="add"):
+            want = decode_token(lm, int(lm.model(input_ids=ids).logits[0, -1].argmax()))
+        got, err = _call(fn, lm, lm.prompt_prefix + text, vector, layer, scale)
+        if err or got is None or str(got).strip() != want.strip():
+            return _report(False, "", f"for {text!r} with scale {scale} you returned {got!r}"
+                           f"{' (' + err + ')' if err else ''}; adding gives {want!r}.",
+                           "inside tvlab.patch_hidden(lm, layer, -1, scale * vector, mode='add') run lm.model on the "
+                           "token ids and decode the argmax of the last position's logits. 'add' keeps the prompt's "
+                           "own state and adds the vector; 'replace' would throw the state away.")
+    return _report(True, f"add_patch adds a scaled vector at layer {layer}.", "", "")

@@ -88,3 +88,11 @@ def peak_relative_depth(by_layer: pd.DataFrame, n_layers: int) -> float:
     """07: where the task-averaged accuracy curve peaks, as a fraction of the model's depth."""
     mean = by_layer.groupby("layer")["accuracy"].mean()
     return float(mean.idxmax() / n_layers)
+
+
+def add_patch(lm: LanguageModel, text: str, vector: torch.Tensor, layer: int, scale: float) -> str:
+    """08: the next token of ``text`` with ``scale * vector`` added to the last token's state at ``layer``."""
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+    with torch.no_grad(), patch_hidden(lm, layer, position=-1, value=scale * vector, mode="add"):
+        logits = lm.model(input_ids=ids).logits
+    return lm.tokenizer.decode([int(logits[0, -1].argmax())])

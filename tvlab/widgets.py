@@ -251,3 +251,29 @@ def model_explorer(models: dict[str, LanguageModel], tasks: list[str] | None = N
                                                                  f"({config.n_dev} dev sets)"))
 
     return Explorer(controls, compute, draw, "One task, one model")
+
+
+def bank_explorer(lm: LanguageModel, bank, task: str | None = None, query: str = "", max_new_tokens: int = 6) -> Explorer:
+    """Pick a vector from a :class:`tvlab.beyond.VectorBank` and type any query: the answer with and without it."""
+    from .beyond import generate
+
+    task = task or bank.tasks[0]
+    controls = {"task": W.Dropdown(options=bank.tasks, value=task, description="vector"),
+                "query": W.Text(value=query or get_task(task).pairs[0].input, description="query",
+                                continuous_update=False),
+                "tokens": W.IntSlider(value=max_new_tokens, min=1, max=12, description="tokens", continuous_update=False)}
+
+    def compute(task, query, tokens):
+        if not query.strip():
+            raise ValueError("type a query in the box")
+        prompt = bank.prompt(lm, query.strip())
+        return {"prompt": prompt, "layer": bank.layers[task], "task": task,
+                "without": generate(lm, prompt, max_new_tokens=tokens).strip(),
+                "with": bank.apply(lm, task, query.strip(), max_new_tokens=tokens)}
+
+    def draw(r, out):
+        out.append_stdout(f"zero-shot prompt: {r['prompt']!r}\n"
+                          f"  without a vector:                  {r['without']!r}\n"
+                          f"  with θ of {r['task']} at layer {r['layer']}: {r['with']!r}\n")
+
+    return Explorer(controls, compute, draw, "A bank of task vectors: any query")

@@ -1,0 +1,422 @@
+"""Beyond the paper: the questions it leaves open, each one function that returns a tidy frame.
+
+>>> beyond.accuracy_vs_sets(lm, "antonyms", layer=10)     # θ averaged over many S, vs one S
+>>> beyond.replace_vs_add(lm, "antonyms", layer=10)       # overwrite (the paper) vs add, with a scale
+>>> beyond.generate(lm, "example:France->", theta, 10)    # several tokens, θ patched into the prompt only
+>>> beyond.multi_token_answers(lm, "country_capital", 10) # exact match of whole answers
+>>> beyond.portability(lm, "country_capital", 10)         # θ from one format used in another, or a sentence
+>>> beyond.composition(lm, layer_a=10, layer_b=10)        # next_letter then to_upper: two vectors at once
+>>> bank = beyond.build_bank(lm, ["antonyms"]); bank.save("bank.safetensors")
+>>> beyond.VectorBank.load("bank.safetensors").apply(lm, "antonyms", "happy")
+
+Each experiment keeps its test queries out of every demonstration set it averages, so an
+averaged θ never saw the answer it is tested on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .engine import _cache_arg, predict_last
+from .experiments import (ExperimentConfig, decode_token, icl_and_task_vectors, layer_sweep, prepare_task,
+                          prompt_format, zero_shot_predictions)
+from .hooks import patch_hidden
+from .models import LanguageModel
+from .prompts import PromptFormat, get_format, sample_sets, tokenize
+from .tasks import Pair, Task, TaskError, get_task
+
+#: Natural sentences that end where the answer starts ({x} is the query), for :func:`portability`.
+NATURAL_TEMPLATES: dict[str, str] = {
+    "country_capital": "The capital of {x} is",
+    "location_continent": "{x} is a place on the continent of",
+    "location_religion": "The main religion in {x} is",
+    "person_language": "The native language of {x} was",
+    "antonyms": "The opposite of {x} is",
+    "en_fr": "In French, the word {x} is",
+    "en_es": "In Spanish, the word {x} is",
+    "fr_en": "In English, the French word {x} is",
+    "es_en": "In English, the Spanish word {x} is",
+    "present_simple_past_simple": "The past tense of {x} is",
+    "present_simple_gerund": "The -ing form of {x} is",
+    "plural_singular": "The singular of {x} is",
+    "to_upper": "The capital letter of {x} is",
+    "to_lower": "The small letter of {x} is",
+    "next_letter": "In the alphabet, the letter after {x} is",
+    "prev_letter": "In the alphabet, the letter before {x} is",
+}
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+def _split(task: Task, n_test: int, seed: int) -> tuple[list[Pair], Task]:
+    """``n_test`` test pairs, and the task without them (the pool every demonstration set comes from)."""
+    rng = np.random.default_rng([seed, 8])
+    order = rng.permutation(len(task.pairs))
+    if len(task.pairs) <= n_test:
+        raise TaskError(f"task {task.name!r} has {len(task.pairs)} usable pairs; {n_test} test queries leave none "
+                        "for demonstrations. Use a smaller n_test.")
+    test = [task.pairs[i] for i in order[:n_test]]
+    pool = Task(task.name, task.category, tuple(task.pairs[i] for i in order[n_test:]), task.scoring)
+    return test, pool
+
+
+def _accuracy(lm: LanguageModel, task: Task, pairs: Sequence[Pair], ids) -> float:
+    return float(np.mean([task.score(decode_token(lm, int(t)), p) for t, p in zip(ids, pairs)]))
+
+
+def _patched(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, vectors: torch.Tensor, layer: int,
+             batch_size: int = 256) -> torch.Tensor:
+    """Zero-shot predictions with ``vectors[i]`` ([n, d] or [d]) written over query i's last state at ``layer``."""
+    vectors = vectors.expand(len(queries), -1) if vectors.dim() == 1 else vectors
+    thetas = torch.zeros(len(queries), lm.n_layers, lm.d_model)
+    thetas[:, layer] = vectors.float().cpu()
+    return zero_shot_predictions(lm, queries, fmt, thetas=thetas, layers=[layer], batch_size=batch_size)[:, 0]
+
+
+def _zero_shot_states(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int = 256):
+    """Every block's output at the last token of each zero-shot prompt: ``[n, n_layers, d_model]``."""
+    prompts = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
+    return predict_last(lm, prompts, read=True, batch_size=batch_size).hidden
+
+
+def _best_layer(lm: LanguageModel, task: Task, config: ExperimentConfig) -> int:
+    sweep = layer_sweep(lm, [task], config)
+    return int(sweep.set_index("layer")["accuracy"].idxmax())
+
+
+# --------------------------------------------------------------------------- many-S task vectors
+
+def accuracy_vs_sets(lm: LanguageModel, task: str | Task, layer: int, n_sets: Sequence[int] = (1, 2, 4, 8, 16),
+                     n_demos: Sequence[int] = (1, 3, 5), n_test: int = 30, n_repeats: int = 3,
+                     seed: int = 41, fmt: str = "paper") -> pd.DataFrame:
+    """Task-vector accuracy when θ is the mean over k demonstration sets, for each k and set size.
+
+    For every number of demonstrations d and every repeat, ``max(n_sets)`` fresh sets of d
+    demonstrations give one θ each at ``layer``; the first k of them are averaged and that one
+    vector is patched into all ``n_test`` zero-shot test prompts. Returns one row per
+    (n_demos, n_sets, repeat): accuracy.
+    """
+    lm.check_layer(layer)
+    config = ExperimentConfig(n_demos=max(n_demos), format=fmt, seed=seed)
+    task, _ = prepare_task(lm, task, config)
+    test, pool = _split(task, n_test, seed)
+    fmt_ = prompt_format(lm, config)
+    k_max = max(n_sets)
+    rows = []
+    for d in n_demos:
+        sets = sample_sets(pool, k_max * n_repeats, d, seed, f"many-sets-{d}", config.n_dummies)
+        _, thetas = icl_and_task_vectors(lm, sets, fmt_, with_icl=False)
+        for r in range(n_repeats):
+            block = thetas[r * k_max:(r + 1) * k_max, layer]
+            for k in n_sets:
+                ids = _patched(lm, test, fmt_, block[:k].mean(0), layer)
+                rows.append({"task": task.name, "n_demos": d, "n_sets": k, "repeat": r,
+                             "accuracy": _accuracy(lm, task, test, ids)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- replace vs add
+
+def replace_vs_add(lm: LanguageModel, task: str | Task, layer: int, scales: Sequence[float] = (0.5, 1, 2, 4, 8),
+                   n_sets: int = 16, n_test: int = 30, seed: int = 41, fmt: str = "paper") -> pd.DataFrame:
+    """Overwrite the last hidden state with θ (the paper), or add a vector to it, scaled.
+
+    θ is the mean over ``n_sets`` sets. Methods: ``replace θ``; ``add θ`` (α·θ added);
+    ``add Δ``, where Δ = mean θ(S) - mean zero-shot state of the same dummy queries: the
+    difference that the demonstrations make at that layer (function-vector style). Also the
+    zero-shot ``baseline``. Returns one row per method and scale: accuracy.
+    """
+    lm.check_layer(layer)
+    config = ExperimentConfig(format=fmt, seed=seed)
+    task, _ = prepare_task(lm, task, config)
+    test, pool = _split(task, n_test, seed)
+    fmt_ = prompt_format(lm, config)
+    sets = sample_sets(pool, n_sets, config.n_demos, seed, "replace-vs-add", config.n_dummies)
+    _, thetas = icl_and_task_vectors(lm, sets, fmt_, with_icl=False)
+    theta = thetas[:, layer].mean(0)
+    dummies = [d for s in sets for d in s.dummies]
+    delta = theta - _zero_shot_states(lm, dummies, fmt_)[:, layer].mean(0)
+    own = _zero_shot_states(lm, test, fmt_)[:, layer]  # adding v = writing (own state + v)
+    base = zero_shot_predictions(lm, test, fmt_)
+    rows = [{"task": task.name, "method": "baseline", "scale": 0.0, "accuracy": _accuracy(lm, task, test, base)},
+            {"task": task.name, "method": "replace θ", "scale": 1.0,
+             "accuracy": _accuracy(lm, task, test, _patched(lm, test, fmt_, theta, layer))}]
+    for method, vector in (("add θ", theta), ("add Δ", delta)):
+        for a in scales:
+            ids = _patched(lm, test, fmt_, own + a * vector, layer)
+            rows.append({"task": task.name, "method": method, "scale": float(a), "accuracy": _accuracy(lm, task, test, ids)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- several tokens
+
+@torch.inference_mode()
+def generate(lm: LanguageModel, text: str, theta: torch.Tensor | None = None, layer: int | None = None,
+             max_new_tokens: int = 8, stop: str = "\n", mode: str = "replace") -> str:
+    """Greedy continuation of ``text``; θ is patched at ``layer`` over the prompt's last token only.
+
+    The prompt runs once with the patch and fills the key/value cache; every generated token
+    then runs on that cache without any patch, so later steps see θ only through the cache,
+    as they would see demonstrations. Stops at ``stop`` (a newline by default).
+    """
+    if theta is not None:
+        if layer is None:
+            raise ValueError("give the layer to patch θ at (e.g. the task's best layer).")
+        lm.check_layer(layer)
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+    patch = patch_hidden(lm, layer, -1, theta, mode=mode) if theta is not None else contextlib.nullcontext()
+    with patch:
+        out = lm.model(input_ids=ids, use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        if token == lm.tokenizer.eos_token_id:
+            break
+        generated.append(token)
+        if stop and stop in lm.tokenizer.decode(generated):
+            break
+        out = lm.model(input_ids=torch.tensor([[token]], device=lm.device), use_cache=True, **_cache_arg(lm, cache))
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    text_out = lm.tokenizer.decode(generated)
+    return text_out.split(stop)[0] if stop else text_out
+
+
+def multi_token_answers(lm: LanguageModel, task: str | Task, layer: int, n_test: int = 20, n_sets: int = 1,
+                        max_new_tokens: int = 8, seed: int = 41, fmt: str = "paper") -> pd.DataFrame:
+    """Whole-answer exact match for answers of several tokens: ICL, task vector, baseline.
+
+    Test queries are pairs whose answer is **more** than one token for this model (the
+    paper's protocol drops them). Demonstrations and dummies come from the other pairs. The
+    task vector of each test query is its own set's θ (as in the paper), or the mean of
+    ``n_sets`` sets. Returns one row per query and method: query, expected, generated,
+    exact (the whole answer), first_word (the generated text starts with the answer's first word).
+    """
+    from .prompts import answer_token_counts
+
+    task = task if isinstance(task, Task) else get_task(task)
+    lm.check_layer(layer)
+    config = ExperimentConfig(format=fmt, seed=seed)
+    fmt_ = prompt_format(lm, config)
+    counts = answer_token_counts(lm.tokenizer, fmt_, task.pairs)
+    long = [p for p, c in zip(task.pairs, counts) if c > 1]
+    if not long:
+        raise TaskError(f"every answer of {task.name!r} is one token for {lm.name}: nothing to generate.")
+    rng = np.random.default_rng([seed, 9])
+    test = [long[i] for i in rng.permutation(len(long))[:n_test]]
+    pool = Task(task.name, task.category, tuple(p for p in task.pairs if p not in test), task.scoring)
+    sets = sample_sets(pool, len(test) * n_sets, config.n_demos, seed, "multi-token", config.n_dummies)
+    _, thetas = icl_and_task_vectors(lm, sets, fmt_, with_icl=False)
+    rows = []
+    for i, pair in enumerate(test):
+        own = sets[i * n_sets:(i + 1) * n_sets]
+        theta = thetas[i * n_sets:(i + 1) * n_sets, layer].mean(0)
+        zero = fmt_.render([], pair.input)
+        for method, text, vector in (("icl", fmt_.render(own[0].demos, pair.input), None),
+                                     ("task_vector", zero, theta), ("baseline", zero, None)):
+            out = generate(lm, text, vector, layer if vector is not None else None, max_new_tokens).strip()
+            rows.append({"task": task.name, "method": method, "query": pair.input, "expected": pair.output,
+                         "generated": out, "exact": out in pair.answers,
+                         "first_word": bool(out) and out.split()[0] == pair.output.split()[0]})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- portability
+
+def portability(lm: LanguageModel, task: str | Task, layer: int, source: str = "paper",
+                targets: Sequence[str] = ("paper", "arrow", "qa", "natural"), n_test: int = 30,
+                seed: int = 41) -> pd.DataFrame:
+    """θ extracted in one prompt format, patched into zero-shot prompts of other formats.
+
+    ``natural`` is a plain sentence that ends where the answer starts (:data:`NATURAL_TEMPLATES`,
+    e.g. "The capital of France is"). For each target: the zero-shot baseline, the task
+    vector (each test query gets θ of its own set in the ``source`` format, at ``layer``) and
+    ICL in the target format for reference (none for ``natural``). One row per target and method.
+    """
+    config = ExperimentConfig(format=source, seed=seed)
+    task, _ = prepare_task(lm, task, config)
+    lm.check_layer(layer)
+    test, pool = _split(task, n_test, seed)
+    src = prompt_format(lm, config)
+    sets = sample_sets(pool, len(test), config.n_demos, seed, "portability", config.n_dummies)
+    _, thetas = icl_and_task_vectors(lm, sets, src, with_icl=False)
+    rows = []
+    for target in targets:
+        if target == "natural":
+            if task.name not in NATURAL_TEMPLATES:
+                raise TaskError(f"no natural sentence for {task.name!r}; add one to tvlab.beyond.NATURAL_TEMPLATES.")
+            fmt = PromptFormat("natural", NATURAL_TEMPLATES[task.name] + " {y}", "\n", lm.prompt_prefix)
+        else:
+            fmt = get_format(target).with_prefix(lm.prompt_prefix)
+        methods = {"baseline": zero_shot_predictions(lm, test, fmt),
+                   "task_vector": _patched(lm, test, fmt, thetas[:, layer], layer)}
+        if target != "natural":
+            prompts = [tokenize(lm.tokenizer, fmt, s.demos, q.input).ids for s, q in zip(sets, test)]
+            methods["icl"] = predict_last(lm, prompts).top_ids
+        for method, ids in methods.items():
+            rows.append({"task": task.name, "target": target, "method": method, "accuracy": _accuracy(lm, task, test, ids),
+                         "example": fmt.render([], test[0].input)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- composition
+
+def _shift_letter(c: str) -> str | None:
+    if c.isalpha() and c.isascii() and c.lower() != "z":
+        return chr(ord(c) + 1)
+    return None
+
+
+def composition(lm: LanguageModel, layer_a: int, layer_b: int, task_a: str = "next_letter", task_b: str = "to_upper",
+                n_sets: int = 16, n_test: int = 12, seed: int = 41, fmt: str = "paper") -> pd.DataFrame:
+    """Can two task vectors make a composite task? Default: next_letter then to_upper (a -> B).
+
+    Test queries are lower-case letters (a..y). θ_a and θ_b are means over ``n_sets`` sets of
+    each task. Methods: ICL with composite demonstrations; θ_a alone at ``layer_a``; θ_b alone
+    at ``layer_b``; both, θ_a at ``layer_a`` and θ_b at ``layer_b`` in one pass (when the
+    layers differ); their average at ``layer_b``; and their task parts added, z + (θ_a - z) +
+    (θ_b - z) at ``layer_b``, with z the mean zero-shot state of the queries there. Every
+    prediction is scored as the composite answer, as A's and as B's. One row per method.
+    """
+    if (task_a, task_b) != ("next_letter", "to_upper"):
+        raise ValueError("composition knows the composite answers of next_letter then to_upper only.")
+    lm.check_layer(layer_a)
+    lm.check_layer(layer_b)
+    config = ExperimentConfig(format=fmt, seed=seed)
+    fmt_ = prompt_format(lm, config)
+    letters = [c for c in "abcdefghijklmnopqrstuvwxy"]
+    rng = np.random.default_rng([seed, 10])
+    test_letters = [letters[i] for i in rng.permutation(len(letters))[:n_test]]
+    composite = Task("next_then_upper", "algorithmic",
+                     tuple(Pair(c, _shift_letter(c).upper()) for c in letters))
+    test = [p for p in composite.pairs if p.input in test_letters]
+    vectors = {}
+    for name in (task_a, task_b):
+        t, _ = prepare_task(lm, name, config)
+        pool = Task(t.name, t.category, tuple(p for p in t.pairs if p.input not in test_letters), t.scoring)
+        _, thetas = icl_and_task_vectors(lm, sample_sets(pool, n_sets, config.n_demos, seed, "composition",
+                                                         config.n_dummies), fmt_, with_icl=False)
+        vectors[name] = thetas
+    th_a, th_b = vectors[task_a], vectors[task_b]
+    z = _zero_shot_states(lm, test, fmt_)[:, layer_b].mean(0)
+    icl_prompts = []
+    for q in test:  # composite demonstrations: any letters but the query
+        others = [p for p in composite.pairs if p.input != q.input]
+        demos = [others[i] for i in rng.choice(len(others), config.n_demos, replace=False)]
+        icl_prompts.append(tokenize(lm.tokenizer, fmt_, demos, q.input).ids)
+    icl = predict_last(lm, icl_prompts).top_ids
+    methods = {"icl (composite demonstrations)": icl,
+               f"θ {task_a} alone (layer {layer_a})": _patched(lm, test, fmt_, th_a[:, layer_a].mean(0), layer_a),
+               f"θ {task_b} alone (layer {layer_b})": _patched(lm, test, fmt_, th_b[:, layer_b].mean(0), layer_b)}
+    if layer_a != layer_b:
+        methods[f"θ {task_a} at {layer_a} + θ {task_b} at {layer_b}"] = _two_layers(
+            lm, test, fmt_, [(layer_a, th_a[:, layer_a].mean(0)), (layer_b, th_b[:, layer_b].mean(0))])
+    mean_ab = (th_a[:, layer_b].mean(0) + th_b[:, layer_b].mean(0)) / 2
+    summed = th_a[:, layer_b].mean(0) + th_b[:, layer_b].mean(0) - z
+    methods[f"average of both (layer {layer_b})"] = _patched(lm, test, fmt_, mean_ab, layer_b)
+    methods[f"task parts added (layer {layer_b})"] = _patched(lm, test, fmt_, summed, layer_b)
+    rows = []
+    for method, ids in methods.items():
+        guesses = [decode_token(lm, int(t)).strip() for t in ids]
+        rows.append({"method": method,
+                     "as_composite": float(np.mean([g == p.output for g, p in zip(guesses, test)])),
+                     f"as_{task_a}": float(np.mean([g == _shift_letter(p.input) for g, p in zip(guesses, test)])),
+                     f"as_{task_b}": float(np.mean([g == p.input.upper() for g, p in zip(guesses, test)])),
+                     "n": len(test)})
+    return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def _two_layers(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat,
+                patches: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Zero-shot predictions with several (layer, vector) patches at the last token, one prompt at a time."""
+    tops = []
+    with contextlib.ExitStack() as stack:
+        for layer, vector in patches:
+            stack.enter_context(patch_hidden(lm, layer, -1, vector))
+        for q in queries:
+            ids = torch.tensor([tokenize(lm.tokenizer, fmt, (), q.input).ids], device=lm.device)
+            tops.append(int(lm.model(input_ids=ids).logits[0, -1].argmax()))
+    return torch.tensor(tops)
+
+
+# --------------------------------------------------------------------------- a bank of vectors
+
+@dataclass
+class VectorBank:
+    """One task vector per task (a mean over many sets, at the task's best layer), with its settings."""
+
+    vectors: dict[str, torch.Tensor]
+    layers: dict[str, int]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.vectors)
+
+    def save(self, path: str | Path) -> Path:
+        """One .safetensors file; layers and settings go in its metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({t: v.contiguous().float().cpu() for t, v in self.vectors.items()}, str(tmp),
+                  metadata={"layers": json.dumps(self.layers), "settings": json.dumps(self.settings)})
+        tmp.replace(path)  # never a half-written bank under the real name
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VectorBank":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no vector bank at {path}; build one with tvlab.beyond.build_bank(lm, tasks).")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if "layers" not in meta:
+                raise ValueError(f"{path} is not a tvlab vector bank (no layers in its metadata).")
+            vectors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(vectors, {k: int(v) for k, v in json.loads(meta["layers"]).items()}, json.loads(meta["settings"]))
+
+    def _check(self, lm: LanguageModel, task: str) -> None:
+        if task not in self.vectors:
+            raise KeyError(f"no vector for {task!r} in this bank; it holds {', '.join(self.tasks)}.")
+        made_with = self.settings.get("model")
+        if made_with and made_with != lm.name:
+            raise ValueError(f"this bank was made with {made_with!r}; a task vector only means something in the model "
+                             f"that made it, and this is {lm.name!r}. Build a bank for it with build_bank.")
+
+    def prompt(self, lm: LanguageModel, query: str, fmt: str | None = None) -> str:
+        """The zero-shot prompt for ``query`` in the bank's format (or ``fmt``)."""
+        return get_format(fmt or self.settings.get("format", "paper")).with_prefix(lm.prompt_prefix).render([], query)
+
+    def apply(self, lm: LanguageModel, task: str, query: str, max_new_tokens: int = 1, fmt: str | None = None) -> str:
+        """The zero-shot prompt for ``query`` with the bank's θ of ``task`` patched in: the answer."""
+        self._check(lm, task)
+        return generate(lm, self.prompt(lm, query, fmt), self.vectors[task], self.layers[task], max_new_tokens).strip()
+
+
+def build_bank(lm: LanguageModel, tasks: Sequence[str], n_sets: int = 16, config: ExperimentConfig | None = None) -> VectorBank:
+    """θ of each task averaged over ``n_sets`` sets, at its best layer on ``config.n_dev`` dev sets."""
+    config = config or ExperimentConfig(n_dev=16)
+    fmt_ = prompt_format(lm, config)
+    vectors, layers = {}, {}
+    for name in tasks:
+        task, _ = prepare_task(lm, name, config)
+        layers[task.name] = _best_layer(lm, task, config)
+        sets = sample_sets(task, n_sets, config.n_demos, config.seed, "bank", config.n_dummies)
+        _, thetas = icl_and_task_vectors(lm, sets, fmt_, with_icl=False)
+        vectors[task.name] = thetas[:, layers[task.name]].mean(0)
+    settings = {"model": lm.name, "n_sets": n_sets, "n_dev": config.n_dev, "n_demos": config.n_demos,
+                "seed": config.seed, "format": config.format, "dtype": str(lm.dtype).removeprefix("torch.")}
+    return VectorBank(vectors, layers, settings)
