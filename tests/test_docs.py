@@ -61,3 +61,4 @@ def test_binder_files():
     post = (ROOT / "binder" / "postBuild").read_text()
     assert os.access(ROOT / "binder" / "postBuild", os.X_OK) and "set -e" in post
     assert "download.pytorch.org/whl/cpu" in post and '-e ".[notebooks]"' in post and "load_model()" in post
+    assert "TVLAB_DTYPE=bfloat16 python" in post  # the bfloat16 copies are made at build time

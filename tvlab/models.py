@@ -302,6 +302,44 @@ def offline_model_path(name: str = DEFAULT_MODEL, rebuild: bool = False) -> Path
                          "and write access; point TVLAB_CACHE at another folder, e.g. TVLAB_CACHE=/tmp/tvlab.") from e
 
 
+def offline_model_copy(name: str, dtype: torch.dtype) -> Path:
+    """A copy of the converted offline model ``name`` stored in ``dtype`` (made once, from the float32 one).
+
+    Loading bfloat16 from the float32 checkpoint reads all of it first, a peak that does not fit
+    Binder's 2 GB with two models; a stored bfloat16 copy is memory-mapped as it is. Same
+    safety as :func:`offline_model_path`: temporary folder, checksums, file lock, atomic rename.
+    """
+    from filelock import FileLock
+
+    if dtype == torch.float32:
+        return offline_model_path(name)
+    source = offline_model_path(name)
+    label = str(dtype).removeprefix("torch.")
+    target = source.with_name(f"{source.name}-{label}")
+    try:
+        with FileLock(str(source.parent / f".{name}-{label}.lock")):
+            if _cache_is_complete(target):
+                return target
+            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=source.parent))
+            try:
+                tokenizer, model = _from_pretrained(source, {"dtype": dtype})
+                out = tmp / "model"
+                with _quiet_transformers():
+                    model.save_pretrained(out)
+                    tokenizer.save_pretrained(out)
+                del model
+                _write_manifest(out, f"{json.loads((source / 'tvlab-manifest.json').read_text())['source']} as {label}")
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(out, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return target
+    except OSError as e:
+        raise ModelError(f"cannot write tvlab's model cache at {source.parent} ({e.strerror or e}); point TVLAB_CACHE "
+                         "at another folder, e.g. TVLAB_CACHE=/tmp/tvlab.") from e
+
+
 def default_model_path(rebuild: bool = False) -> Path:
     """The converted default model (Gemma 3 270M) in the cache; see :func:`offline_model_path`."""
     return offline_model_path(DEFAULT_MODEL, rebuild)
@@ -358,11 +396,14 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     if name is None or str(name) in OFFLINE_MODELS:
         label = DEFAULT_MODEL if name is None else str(name)
         try:
-            tokenizer, model = _from_pretrained(offline_model_path(label), kwargs)
+            tokenizer, model = _from_pretrained(offline_model_copy(label, torch_dtype), kwargs)
         except (OSError, ValueError, RuntimeError):
             # The cache passed its checksums but does not load (e.g. written by another transformers
             # version): convert again, once.
-            tokenizer, model = _from_pretrained(offline_model_path(label, rebuild=True), kwargs)
+            offline_model_path(label, rebuild=True)
+            for copy in offline_model_path(label).parent.glob(f"{OFFLINE_MODELS[label].folder}-*"):
+                shutil.rmtree(copy, ignore_errors=True)
+            tokenizer, model = _from_pretrained(offline_model_copy(label, torch_dtype), kwargs)
     else:
         label = str(name)
         try:
