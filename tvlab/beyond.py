@@ -81,10 +81,15 @@ def _patched(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, vect
     return zero_shot_predictions(lm, queries, fmt, thetas=thetas, layers=[layer], batch_size=batch_size)[:, 0]
 
 
+def _zero_shot_run(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int = 256):
+    """The zero-shot prompts, run once: ``.top_ids`` (the baseline) and ``.hidden`` ``[n, n_layers, d_model]``."""
+    prompts = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
+    return predict_last(lm, prompts, read=True, batch_size=batch_size)
+
+
 def _zero_shot_states(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int = 256):
     """Every block's output at the last token of each zero-shot prompt: ``[n, n_layers, d_model]``."""
-    prompts = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
-    return predict_last(lm, prompts, read=True, batch_size=batch_size).hidden
+    return _zero_shot_run(lm, queries, fmt, batch_size).hidden
 
 
 def _best_layer(lm: LanguageModel, task: Task, config: ExperimentConfig) -> int:
@@ -144,8 +149,8 @@ def replace_vs_add(lm: LanguageModel, task: str | Task, layer: int, scales: Sequ
     theta = thetas[:, layer].mean(0)
     dummies = [d for s in sets for d in s.dummies]
     delta = theta - _zero_shot_states(lm, dummies, fmt_)[:, layer].mean(0)
-    own = _zero_shot_states(lm, test, fmt_)[:, layer]  # adding v = writing (own state + v)
-    base = zero_shot_predictions(lm, test, fmt_)
+    zero = _zero_shot_run(lm, test, fmt_)  # the baseline, and each prompt's own state
+    own, base = zero.hidden[:, layer], zero.top_ids  # adding v = writing (own state + v)
     rows = [{"task": task.name, "method": "baseline", "scale": 0.0, "accuracy": _accuracy(lm, task, test, base)},
             {"task": task.name, "method": "replace θ", "scale": 1.0,
              "accuracy": _accuracy(lm, task, test, _patched(lm, test, fmt_, theta, layer))}]
