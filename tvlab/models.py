@@ -265,6 +265,22 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 }
 
 
+def _install_atomically(target: Path, build) -> None:
+    """``build(workdir) -> (folder, source)`` in a temporary folder; checksum it; rename it to ``target``.
+
+    An interrupted build leaves no folder under the real name, and its temporary folder is removed.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        out, source = build(tmp)
+        _write_manifest(out, source)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def offline_model_path(name: str = DEFAULT_MODEL, rebuild: bool = False) -> Path:
     """The converted offline model ``name`` in the cache, converting it first if needed.
 
@@ -282,18 +298,13 @@ def offline_model_path(name: str = DEFAULT_MODEL, rebuild: bool = False) -> Path
         with FileLock(str(root / f".{name}.lock")):
             if not rebuild and _cache_is_complete(target):
                 return target
-            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
-            try:
-                gguf, source = spec.locate(tmp / "gguf")
-                out = tmp / "model"
+            def convert(work: Path) -> tuple[Path, str]:
+                gguf, source = spec.locate(work / "gguf")
                 with _quiet_transformers():
-                    _convert_gguf(gguf.parent, gguf.name, out)
-                _write_manifest(out, source)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(out, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                    _convert_gguf(gguf.parent, gguf.name, work / "model")
+                return work / "model", source
+
+            _install_atomically(target, convert)
             return target
     except ImportError as e:
         raise ModelError(f"the packages of the offline model {name!r} are missing: {spec.install} ({e}).") from e
@@ -320,20 +331,15 @@ def offline_model_copy(name: str, dtype: torch.dtype) -> Path:
         with FileLock(str(source.parent / f".{name}-{label}.lock")):
             if _cache_is_complete(target):
                 return target
-            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=source.parent))
-            try:
+            def cast(work: Path) -> tuple[Path, str]:
                 tokenizer, model = _from_pretrained(source, {"dtype": dtype})
-                out = tmp / "model"
                 with _quiet_transformers():
-                    model.save_pretrained(out)
-                    tokenizer.save_pretrained(out)
-                del model
-                _write_manifest(out, f"{json.loads((source / 'tvlab-manifest.json').read_text())['source']} as {label}")
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(out, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                    model.save_pretrained(work / "model")
+                    tokenizer.save_pretrained(work / "model")
+                origin = json.loads((source / "tvlab-manifest.json").read_text())["source"]
+                return work / "model", f"{origin} as {label}"
+
+            _install_atomically(target, cast)
             return target
     except OSError as e:
         raise ModelError(f"cannot write tvlab's model cache at {source.parent} ({e.strerror or e}); point TVLAB_CACHE "
