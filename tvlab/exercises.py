@@ -26,6 +26,11 @@ def _report(ok: bool, passed: str, failed: str, hint: str) -> bool:
     return ok
 
 
+def _shown(got, err: str | None) -> str:
+    """What the student's function gave, for a FAIL line: its value, and the error if it raised."""
+    return f"{got!r} ({err})" if err else f"{got!r}"
+
+
 def _call(fn: Callable, *args):
     try:
         return fn(*args), None
@@ -41,7 +46,7 @@ def check_top_token(fn: Callable, lm: LanguageModel) -> bool:
         got, err = _call(fn, lm, text)
         want = next_token_probs(lm, text, k=1)["token"].iloc[0]
         if err or got is None or repr(str(got))[1:-1] != want:
-            return _report(False, "", f"for {text!r} you returned {got!r}{' (' + err + ')' if err else ''}, "
+            return _report(False, "", f"for {text!r} you returned {_shown(got, err)}, "
                            f"the model's top token is {want!r}.",
                            "run lm.model on the token ids, take logits[0, -1] (the last position), argmax, "
                            "and decode that one id with lm.tokenizer.decode([id]).")
@@ -55,8 +60,8 @@ def check_build_prompt(fn: Callable) -> bool:
         got, err = _call(fn, demos, query)
         want = FORMATS["paper"].render(demos, query)
         if got != want:
-            return _report(False, "", f"for {len(demos)} demonstrations and query {query!r} you returned {got!r}"
-                           f"{' (' + err + ')' if err else ''}; expected {want!r}.",
+            return _report(False, "", f"for {len(demos)} demonstrations and query {query!r} you returned "
+                           f"{_shown(got, err)}; expected {want!r}.",
                            "one line 'example:{input}->{output}' per demonstration, joined by '\\n', then "
                            "'example:{query}->' with nothing after the arrow.")
     return _report(True, "build_prompt writes the paper's prompt format.", "", "")
@@ -98,7 +103,7 @@ def check_patched_prediction(fn: Callable, lm: LanguageModel, layer: int | None 
         want = decode_token(lm, int(zero_shot_predictions(lm, [pair], fmt, thetas=thetas, layers=[layer])[0, 0]))
         got, err = _call(fn, lm, pair.input, theta, layer)
         if err or got is None or str(got).strip() != want.strip():
-            return _report(False, "", f"for {pair.input!r} you predicted {got!r}{' (' + err + ')' if err else ''}; "
+            return _report(False, "", f"for {pair.input!r} you predicted {_shown(got, err)}; "
                            f"patching gives {want!r}.",
                            "build the zero-shot prompt 'example:{query}->', run it inside "
                            "tvlab.patch_hidden(lm, layer, position=-1, value=theta), and decode the argmax "
@@ -118,7 +123,7 @@ def check_best_layers(fn: Callable, by_layer: pd.DataFrame | None = None) -> boo
     want = {t: int(r.sort_values("layer").set_index("layer")["accuracy"].idxmax())
             for t, r in by_layer.groupby("task", sort=False)}
     if err or not isinstance(got, dict) or {k: int(v) for k, v in got.items()} != want:
-        return _report(False, "", f"you returned {got!r}{' (' + err + ')' if err else ''}; expected {want}.",
+        return _report(False, "", f"you returned {_shown(got, err)}; expected {want}.",
                        "group by task and take the layer of the highest accuracy; on a tie the earliest layer "
                        "wins (idxmax after sorting by layer does exactly that).")
     return _report(True, "best_layers picks each task's best dev layer.", "", "")
@@ -138,7 +143,7 @@ def check_mean_within_task_distance(fn: Callable, bank, layers: tuple[int, ...] 
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            return _report(False, "", f"at layer {layer} you returned {got!r}{' (' + err + ')' if err else ''}; "
+            return _report(False, "", f"at layer {layer} you returned {_shown(got, err)}; "
                            f"expected {want:.5f}.",
                            "cosine distance = 1 - (unit rows) @ (unit rows).T; average the entries with equal "
                            "tasks, diagonal excluded.")
@@ -154,7 +159,7 @@ def check_winner(fn: Callable) -> bool:
         got, err = _call(fn, frame)
         if got != want:
             return _report(False, "", f"for task_vector as_a={tv[0]}, as_b={tv[1]} (ICL row as_a={icl[0]}, "
-                           f"as_b={icl[1]}) you returned {got!r}{' (' + err + ')' if err else ''}; expected {want!r}.",
+                           f"as_b={icl[1]}) you returned {_shown(got, err)}; expected {want!r}.",
                            "look only at the task_vector row; the winner must be strictly ahead AND reach 0.5.")
     return _report(True, "winner applies the rule on the task_vector row.", "", "")
 
@@ -172,7 +177,7 @@ def check_top_k_tokens(fn: Callable, lm: LanguageModel, bank, layer: int | None 
         if err is None and got is not None:
             got = [str(t).strip() or repr(t) for t in got]
         if got != want:
-            return _report(False, "", f"for k={k} you returned {got!r}{' (' + err + ')' if err else ''};\n"
+            return _report(False, "", f"for k={k} you returned {_shown(got, err)};\n"
                            f"  expected {want!r}.",
                            "logits = lm.unembed(lm.final_norm(vector.reshape(1, 1, -1)))[0, 0]; then topk(k) "
                            "and decode each id.")
@@ -194,7 +199,7 @@ def check_peak_relative_depth(fn: Callable, curves: dict[str, tuple[pd.DataFrame
         want = int(by_layer.groupby("layer")["accuracy"].mean().idxmax()) / n_layers
         got, err = _call(fn, by_layer, n_layers)
         if err or not isinstance(got, (int, float)) or abs(got - want) > 1e-9:
-            return _report(False, "", f"for {name} you returned {got!r}{' (' + err + ')' if err else ''}, "
+            return _report(False, "", f"for {name} you returned {_shown(got, err)}, "
                            f"expected {want:.3f}.",
                            "average the accuracy over tasks per layer (groupby('layer')), take idxmax() of that "
                            "mean (the earliest layer on a tie), and divide by n_layers.")
@@ -215,8 +220,8 @@ def check_add_patch(fn: Callable, lm: LanguageModel, layer: int | None = None) -
             want = decode_token(lm, int(lm.model(input_ids=ids).logits[0, -1].argmax()))
         got, err = _call(fn, lm, lm.prompt_prefix + text, vector, layer, scale)
         if err or got is None or str(got).strip() != want.strip():
-            return _report(False, "", f"for {text!r} with scale {scale} you returned {got!r}"
-                           f"{' (' + err + ')' if err else ''}; adding gives {want!r}.",
+            return _report(False, "", f"for {text!r} with scale {scale} you returned "
+                           f"{_shown(got, err)}; adding gives {want!r}.",
                            "inside tvlab.patch_hidden(lm, layer, -1, scale * vector, mode='add') run lm.model on the "
                            "token ids and decode the argmax of the last position's logits. 'add' keeps the prompt's "
                            "own state and adds the vector; 'replace' would throw the state away.")
