@@ -54,7 +54,7 @@ def run(lm, config, tasks, peak: float) -> dict:
     return {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device),
             "tasks": len(tasks), "seconds": round(results.seconds, 1), "tokens": results.stats.tokens,
             "tokens_per_s": round(results.stats.tokens / results.seconds), "tflop": round(flops / 1e12, 2),
-            "mfu": round(flops / results.seconds / peak, 3),
+            "mfu": float(f"{flops / results.seconds / peak:.3g}"),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if lm.device.type == "cuda" else None,
             "means": results.summary[["baseline", "icl", "task_vector"]].mean().round(3).to_dict()}
 

@@ -68,3 +68,120 @@ def test_bad_arguments(tiny):
         predict_last(tiny, [[1, 2]], batch_size=0)
     with pytest.raises(ValueError, match="layers run from"):
         predict_last(tiny, [[1, 2]], patches=[(99, torch.zeros(tiny.d_model))])
+
+
+def test_groups_of_different_prefix_lengths_mixed_in_one_batch(tiny):
+    """Several groups, with different demonstration counts, share one forward pass (and one padded batch)."""
+    task, fmt = tvlab.get_task("antonyms"), FORMATS["paper"]
+    prompts, groups = [], []
+    for k, n_demos in enumerate([1, 5, 3, 0, 2]):
+        s = tvlab.sample_sets(task, 1, n_demos, seed=k, n_dummies=2)[0]
+        for q in (s.query, *s.dummies):
+            prompts.append(tokenize(tiny.tokenizer, fmt, s.demos, q.input).ids)
+            groups.append(k)
+    g = torch.Generator().manual_seed(1)
+    patches = [None if i % 2 else (i % tiny.n_layers, torch.randn(tiny.d_model, generator=g)) for i in range(len(prompts))]
+    stats = ForwardStats()
+    fast = predict_last(tiny, prompts, groups=groups, patches=patches, read=True, batch_size=len(prompts), stats=stats)
+    plain = predict_last_plain(tiny, prompts, patches=patches, read=True)
+    assert stats.forwards == 2  # every group in one batch: the prefixes once, then every suffix
+    assert torch.equal(fast.top_ids, plain.top_ids)
+    torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+
+def _long_prompts(lm, n_demos=15):
+    task, fmt = tvlab.get_task("country_capital"), FORMATS["paper"]
+    sets = tvlab.sample_sets(task, 3, n_demos, seed=3, n_dummies=2)
+    prompts, groups = [], []
+    for k, s in enumerate(sets):
+        for q in (s.query, *s.dummies):
+            prompts.append(tokenize(lm.tokenizer, fmt, s.demos, q.input).ids)
+            groups.append(k)
+    return prompts, groups
+
+
+def test_prompts_longer_than_a_sliding_window_stay_exact(monkeypatch):
+    lm = tvlab.tiny_model("gemma3_text")  # sliding window of 64 tokens on some layers
+    window = tvlab.engine.attention_window(lm)
+    prompts, groups = _long_prompts(lm)
+    assert window == 64 and min(len(p) for p in prompts) > window
+    plain = predict_last_plain(lm, prompts, read=True)
+    fast = predict_last(lm, prompts, groups=groups, read=True, batch_size=64)
+    assert torch.equal(fast.top_ids, plain.top_ids)
+    torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+    # The reason for the rule: sharing the prefix anyway puts padding inside the window and changes the states.
+    monkeypatch.setattr(tvlab.engine, "attention_window", lambda lm: None)
+    shared = predict_last(lm, prompts, groups=groups, read=True, batch_size=64)
+    assert not torch.allclose(shared.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_window_of_families(tiny):
+    assert tvlab.engine.attention_window(tiny) is None
+    assert tvlab.engine.attention_window(tvlab.tiny_model("qwen2")) is None  # has a window size, but it is off
+
+
+def test_bfloat16_fast_path_agrees_with_plain_path():
+    lm = tvlab.tiny_model("llama")
+    lm.model.to(torch.bfloat16)
+    prompts, groups = _prompt_groups(lm, n_sets=8)
+    g = torch.Generator().manual_seed(2)
+    patches = [(i % lm.n_layers, torch.randn(lm.d_model, generator=g)) for i in range(len(prompts))]
+    fast = predict_last(lm, prompts, groups=groups, patches=patches, read=True, batch_size=64)
+    plain = predict_last_plain(lm, prompts, patches=patches, read=True)
+    assert fast.hidden.dtype == torch.float32 and plain.hidden.dtype == torch.float32
+    # One bfloat16 rounding step of the largest state apart at most; nearly all predictions identical.
+    step = plain.hidden.abs().amax() * 2 ** -7
+    assert (fast.hidden - plain.hidden).abs().max() <= 4 * step
+    assert (fast.top_ids == plain.top_ids).float().mean() >= 0.9
+
+
+def test_flops_count_an_untied_unembedding_once_per_logit_row(tiny):
+    emb, unembed = tiny.model.get_input_embeddings().weight, tiny.unembed.weight
+    assert emb.data_ptr() != unembed.data_ptr()  # the tiny models are untied, as LLaMA is
+    blocks = sum(p.numel() for p in tiny.blocks.parameters()) + sum(p.numel() for p in tiny.final_norm.parameters())
+    stats = ForwardStats(tokens=10, logit_rows=3)
+    assert stats.flops(tiny) == 2 * blocks * 10 + 2 * unembed.numel() * 3
+
+
+def test_several_patches_per_prompt_and_logits(tiny):
+    ids = tokenize(tiny.tokenizer, FORMATS["paper"], (), "big").ids
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(tiny.d_model, generator=g) * 4, torch.randn(tiny.d_model, generator=g) * 4
+    both = [[(1, a), (2, b)]]
+    fast = predict_last(tiny, [ids, ids], groups=[0, 0], patches=both + [None], logits=True)
+    plain = predict_last_plain(tiny, [ids], patches=both)
+    assert fast.top_ids[0] == plain.top_ids[0]
+    assert fast.logits.shape == (2, tiny.unembed.weight.shape[0]) and torch.equal(fast.logits.argmax(-1), fast.top_ids)
+    torch.testing.assert_close(tvlab.engine.next_token_logits(tiny, [ids]), fast.logits[1:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="two patches at layer 1"):
+        predict_last(tiny, [ids], patches=[[(1, a), (1, b)]])
+
+
+def test_reads_see_the_state_before_that_blocks_patch(tiny):
+    ids = tokenize(tiny.tokenizer, FORMATS["paper"], (), "big").ids
+    theta = torch.full((tiny.d_model,), 7.0)
+    clean = predict_last(tiny, [ids], read=True).hidden
+    patched = predict_last(tiny, [ids], patches=[(1, theta)], read=True).hidden
+    torch.testing.assert_close(patched[:, :2], clean[:, :2])   # blocks 0 and 1: as before the patch
+    assert not torch.allclose(patched[:, 2:], clean[:, 2:])     # later blocks read the patched state
+
+
+def test_patches_and_reads_before_the_last_token_equal_the_plain_path(tiny):
+    fmt = FORMATS["paper"]
+    prompts = [tokenize(tiny.tokenizer, fmt, (), q).ids for q in ("big", "hot", "up")]
+    g = torch.Generator().manual_seed(4)
+    patches = [[(1, torch.randn(tiny.d_model, generator=g) * 5, -2), (2, torch.randn(tiny.d_model, generator=g))]
+               for _ in prompts]
+    fast = predict_last(tiny, prompts, groups=[0, 0, 0], patches=patches, read=True, read_position=-2)
+    plain = predict_last_plain(tiny, prompts, patches=patches, read=True, read_position=-2)
+    assert torch.equal(fast.top_ids, plain.top_ids)
+    torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+    clean = predict_last_plain(tiny, prompts, read=True, read_position=-2)
+    torch.testing.assert_close(plain.hidden[:, :2], clean.hidden[:, :2])  # reads come before that block's patch
+    assert not torch.allclose(plain.hidden[:, 2:], clean.hidden[:, 2:])
+
+
+def test_query_swap_frame(tiny):
+    frame = tvlab.explore.query_swap(tiny, "antonyms", theta_layer=2, n_queries=5)
+    assert list(frame["layer"]) == list(range(tiny.n_layers)) and (frame["n"] == 5).all()
+    assert frame[["follows_x", "follows_x_swapped"]].stack().between(0, 1).all()

@@ -50,6 +50,15 @@ def test_add_mode_adds(tiny):
         tiny.model(**batch)
     torch.testing.assert_close(added.hidden[0, 0], plain.hidden[0, 0] + v)
     assert before.hidden.shape == (1, 1, tiny.d_model)
+    # What the later blocks see: adding v is the same as replacing the state with state + v.
+    with torch.no_grad():
+        with patch_hidden(tiny, 1, -1, v, mode="add"):
+            add_logits = tiny.model(**batch).logits
+        with patch_hidden(tiny, 1, -1, plain.hidden[0, 0] + v):
+            replace_logits = tiny.model(**batch).logits
+        clean_logits = tiny.model(**batch).logits
+    torch.testing.assert_close(add_logits, replace_logits)
+    assert not torch.allclose(add_logits[:, -1], clean_logits[:, -1])
 
 
 def test_hooks_are_removed_even_after_an_exception(tiny):

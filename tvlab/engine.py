@@ -1,8 +1,16 @@
-"""The one place where forward passes are made fast. Everything else calls :func:`predict_last`.
+"""The one place where tvlab runs the model. Everything else calls :func:`predict_last`,
+:func:`next_token_logits` or :func:`generate_greedy`; the rules they keep are written down
+in ``docs/engine.md``.
 
->>> out = predict_last(lm, prompts, groups=[0, 0, 1], patches=[None, (9, theta), None], read=True)
->>> out.top_ids        # [n_prompts]      the predicted next token of each prompt
->>> out.hidden         # [n_prompts, n_layers, d_model]  each block's output at the last token
+>>> lm = tvlab.load_model("tiny-llama")     # 4 layers, d_model 64; tvlab.load_model() loads Gemma 3 270M
+>>> texts = ["example:hot->cold\\nexample:big->", "example:hot->cold\\nexample:up->", "example:big->"]
+>>> prompts = [lm.tokenizer(t).input_ids for t in texts]   # token ids; the first two share a prefix
+>>> theta = predict_last(lm, prompts[:1], read=True).hidden[0, 2]   # prompt 0's last state after block 2
+>>> out = predict_last(lm, prompts, groups=[0, 0, 1], patches=[None, None, (2, theta)], read=True)
+>>> out.top_ids.shape  # [n_prompts]      the predicted next token of each prompt
+torch.Size([3])
+>>> out.hidden.shape   # [n_prompts, n_layers, d_model]  each block's output at the last token
+torch.Size([3, 4, 64])
 
 Three tricks, each checked against :func:`predict_last_plain` (one prompt per forward,
 nothing shared) on tiny models in ``tests/test_engine.py``:
@@ -16,6 +24,10 @@ nothing shared) on tiny models in ``tests/test_engine.py``:
    the remaining tokens run. A set's ICL prompt and its dummy-query prompts share the
    demonstrations; a layer sweep (the same zero-shot prompt patched at each layer) shares
    everything but the last token, so each extra layer costs one token, not a prompt.
+   The suffixes are left-padded after the prefix, so a batch can hold padding in the middle
+   of a row. Attention over all earlier tokens does not care, but a sliding attention window
+   (Gemma 2/3, Mistral) counts cache slots, padding included: a batch whose padded width
+   exceeds the model's window runs without a shared prefix (padding only at the start).
 """
 
 from __future__ import annotations
@@ -30,7 +42,10 @@ import torch
 from .hooks import patch_hidden, read_hidden
 from .models import LanguageModel
 
-Patch = tuple[int, torch.Tensor]  # (layer, vector [d_model]) written over the last token's hidden state
+# (layer, vector [d_model]) written over the last token's hidden state, or (layer, vector, position)
+# at another position, counted from the end of the prompt (-1 is the last token, -2 the one before).
+Patch = tuple[int, torch.Tensor] | tuple[int, torch.Tensor, int]
+RowPatch = Patch | Sequence[Patch] | None  # one prompt's patches: none, one, or several
 
 
 @dataclass
@@ -42,9 +57,19 @@ class ForwardStats:
     forwards: int = 0        # calls of the model's forward
 
     def flops(self, lm: LanguageModel) -> float:
-        """Forward FLOPs: 2 per weight per token in the blocks, plus the unembedding rows.
+        """Forward FLOPs: 2 per weight per token in the blocks, plus 2 per unembedding weight per logit row.
         Attention-score FLOPs are left out (they are small for prompts this short)."""
-        return 2.0 * lm.n_params(embeddings=False) * self.tokens + 2.0 * lm.d_model * lm.unembed.out_features * self.logit_rows
+        return 2.0 * block_params(lm) * self.tokens + 2.0 * lm.unembed.weight.numel() * self.logit_rows
+
+
+def block_params(lm: LanguageModel) -> int:
+    """Weights every token passes through: all but the input embedding and the unembedding.
+
+    An untied unembedding (LLaMA) is counted per logit row in :meth:`ForwardStats.flops`, not per token.
+    """
+    emb, unembed = lm.model.get_input_embeddings().weight, lm.unembed.weight
+    untied = unembed.numel() if unembed.data_ptr() != emb.data_ptr() else 0
+    return lm.n_params(embeddings=False) - untied
 
 
 @dataclass
@@ -52,6 +77,7 @@ class LastTokenOutput:
     top_ids: torch.Tensor                   # [n_prompts] argmax next token
     hidden: torch.Tensor | None = None      # [n_prompts, n_layers, d_model] if read=True
     stats: ForwardStats = field(default_factory=ForwardStats)
+    logits: torch.Tensor | None = None      # [n_prompts, vocab] float32 next-token logits if logits=True
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,18 +99,47 @@ def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _row_patches(patch: RowPatch) -> list[tuple[int, torch.Tensor, int]]:
+    """A prompt's patches as (layer, vector, position) triples: ``None`` -> [], one patch -> [it]."""
+    if patch is None:
+        return []
+    if isinstance(patch, tuple) and len(patch) in (2, 3) and isinstance(patch[1], torch.Tensor):
+        patch = [patch]
+    return [(int(p[0]), p[1], int(p[2]) if len(p) == 3 else -1) for p in patch]
+
+
+def _deepest_position(patches: Sequence[RowPatch]) -> int:
+    """The earliest position (most negative) any patch writes to; -1 when all write the last token."""
+    return min((pos for patch in patches for _, _, pos in _row_patches(patch)), default=-1)
+
+
 @contextlib.contextmanager
-def _patches(lm: LanguageModel, patches: Sequence[Patch | None]):
-    """One hook per patched layer, each writing its rows' vectors at the last position."""
-    by_layer: dict[int, list[int]] = {}
-    for row, p in enumerate(patches):
-        if p is not None:
-            by_layer.setdefault(lm.check_layer(int(p[0])), []).append(row)
+def _patches(lm: LanguageModel, patches: Sequence[RowPatch], mode: str = "replace"):
+    """One hook per patched (layer, position), writing (or adding) its rows' vectors there."""
+    by_site: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for row, patch in enumerate(patches):
+        for layer, vector, position in _row_patches(patch):
+            by_site.setdefault((lm.check_layer(layer), position), []).append((row, vector))
     with contextlib.ExitStack() as stack:
-        for layer, rows in by_layer.items():
-            value = torch.stack([patches[r][1] for r in rows])
-            stack.enter_context(patch_hidden(lm, layer, -1, value, rows=rows))
+        for (layer, position), items in by_site.items():
+            rows = [r for r, _ in items]
+            if len(set(rows)) != len(rows):
+                raise ValueError(f"a prompt has two patches at layer {layer}, position {position}; give each one vector.")
+            value = torch.stack([v.reshape(-1) for _, v in items])
+            stack.enter_context(patch_hidden(lm, layer, position, value, rows=rows, mode=mode))
         yield
+
+
+def attention_window(lm: LanguageModel) -> int | None:
+    """The model's sliding attention window in tokens, or None when every layer sees the whole prompt."""
+    config = lm.model.config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 def _cache_arg(lm: LanguageModel, cache) -> dict:
@@ -96,7 +151,8 @@ def _cache_arg(lm: LanguageModel, cache) -> dict:
 
 @torch.inference_mode()
 def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: list[tuple[int, ...]],
-               owner: list[int], patches: list[Patch | None], read: bool, stats: ForwardStats):
+               owner: list[int], patches: list[RowPatch], read: bool, stats: ForwardStats, logits: bool = False,
+               mode: str = "replace", read_position: int = -1):
     """Run one batch: the distinct ``prefixes`` once, then every suffix on its owner's cache."""
     device, pad = lm.device, lm.tokenizer.pad_token_id
     cache, p_mask = None, None
@@ -105,7 +161,7 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
         out = lm.model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), position_ids=p_pos.to(device),
                        use_cache=True, logits_to_keep=1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = _cache_of(out)
         cache.batch_select_indices(torch.tensor(owner, device=device))  # one copy of its prefix per suffix
         p_mask = p_mask[owner]
         stats.forwards += 1
@@ -116,27 +172,32 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     s_pos = (start + s_mask.cumsum(-1) - 1).clamp(min=0)
     mask = s_mask if p_mask is None else torch.cat([p_mask, s_mask], dim=1)
     with contextlib.ExitStack() as stack:
-        rec = stack.enter_context(read_hidden(lm, position=-1)) if read else None
-        stack.enter_context(_patches(lm, patches))
+        rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
+        stack.enter_context(_patches(lm, patches, mode))
         out = lm.model(input_ids=s_ids.to(device), attention_mask=mask.to(device), position_ids=s_pos.to(device),
                        use_cache=cache is not None, logits_to_keep=1, **_cache_arg(lm, cache))
     stats.forwards += 1
     stats.tokens += int(sum(len(s) for s in suffixes))
     stats.logit_rows += len(suffixes)
-    top = out.logits[:, -1].argmax(-1).cpu()
+    last = out.logits[:, -1]  # [n_suffixes, vocab]
     hidden = rec.hidden.float().cpu() if read else None
-    return top, hidden
+    return last.argmax(-1).cpu(), hidden, (last.float().cpu() if logits else None)
 
 
 def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups: Sequence[int] | None = None,
-                 patches: Sequence[Patch | None] | None = None, read: bool = False,
-                 batch_size: int = 64, stats: ForwardStats | None = None) -> LastTokenOutput:
+                 patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool = False,
+                 read_position: int = -1, logits: bool = False, batch_size: int = 64,
+                 stats: ForwardStats | None = None) -> LastTokenOutput:
     """Next-token argmax at the last position of each prompt, with optional patches and reads.
 
     ``groups``: prompts with equal ids share their common token prefix (run once).
     ``patches[i]``: ``(layer, vector)`` written over prompt i's last-token hidden state at
-    that layer. ``read``: also return every block's output at the last token.
-    ``batch_size`` counts prompts per forward pass (a group is never split).
+    that layer, or a list of such pairs at different layers (``mode="add"`` adds them instead). ``read``: also return every
+    block's output at the last token, as it was before any patch of that row at that block.
+    ``read_position``: read there instead (counted from the end, like a patch's position).
+    ``logits``: also return the last position's logits. ``batch_size`` counts prompts per
+    forward pass (a group is never split). Prompts whose reads or patches reach before their
+    last token share no prefix: those positions must run in the same pass.
     """
     n = len(prompts)
     if n == 0:
@@ -156,24 +217,38 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         members.setdefault(g, []).append(i)
     top = torch.empty(n, dtype=torch.long)
     hidden = torch.empty(n, lm.n_layers, lm.d_model) if read else None
+    all_logits = torch.empty(n, lm.unembed.weight.shape[0]) if logits else None
 
     chunk: list[list[int]] = []
 
+    window = attention_window(lm)
+    deep = read_position != -1 or _deepest_position(patches) != -1
+
     def flush():
-        prefixes, suffixes, owner, rows = [], [], [], []
-        for k, idx in enumerate(chunk):
+        cuts = []
+        for idx in chunk:
             seqs = [prompts[i] for i in idx]
             # A lone prompt keeps no prefix: splitting it would only add a forward pass.
-            cut = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1) if len(idx) > 1 else 0
-            prefixes.append(tuple(seqs[0][:cut]))
+            cuts.append(min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1) if len(idx) > 1 else 0)
+        width = max(cuts) + max(len(prompts[i]) - cut for idx, cut in zip(chunk, cuts) for i in idx)
+        if window is not None and width > window:
+            cuts = [0] * len(chunk)  # padding between prefix and suffix would shift the window: share nothing
+        if deep:
+            cuts = [0] * len(chunk)  # a read or patch before the last token needs that token in this pass
+        prefixes, suffixes, owner, rows = [], [], [], []
+        for k, (idx, cut) in enumerate(zip(chunk, cuts)):
+            prefixes.append(tuple(prompts[idx[0]][:cut]))
             for i in idx:
                 suffixes.append(tuple(prompts[i][cut:]))
                 owner.append(k)
                 rows.append(i)
-        t, h = _run_chunk(lm, prefixes, suffixes, owner, [patches[i] for i in rows], read, stats)
+        t, h, lg = _run_chunk(lm, prefixes, suffixes, owner, [patches[i] for i in rows], read, stats, logits, mode,
+                              read_position)
         top[rows] = t
         if read:
             hidden[rows] = h
+        if logits:
+            all_logits[rows] = lg
         chunk.clear()
 
     in_chunk = 0
@@ -185,13 +260,13 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         in_chunk += len(idx)
     if chunk:
         flush()
-    return LastTokenOutput(top, hidden, stats)
+    return LastTokenOutput(top, hidden, stats, logits=all_logits)
 
 
 @torch.inference_mode()
 def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
-                       patches: Sequence[Patch | None] | None = None, read: bool = False,
-                       stats: ForwardStats | None = None) -> LastTokenOutput:
+                       patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool = False,
+                       read_position: int = -1, stats: ForwardStats | None = None) -> LastTokenOutput:
     """The reference path: one prompt per forward, full logits, nothing shared or padded."""
     stats = stats if stats is not None else ForwardStats()
     patches = [None] * len(prompts) if patches is None else list(patches)
@@ -199,9 +274,9 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
     for ids, patch in zip(prompts, patches):
         x = torch.tensor([list(ids)], device=lm.device)
         with contextlib.ExitStack() as stack:
-            rec = stack.enter_context(read_hidden(lm, position=-1)) if read else None
-            if patch is not None:
-                stack.enter_context(patch_hidden(lm, int(patch[0]), -1, patch[1]))
+            rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
+            for layer, vector, position in _row_patches(patch):
+                stack.enter_context(patch_hidden(lm, layer, position, vector, mode=mode))
             logits = lm.model(input_ids=x).logits  # [1, pos, vocab]
         stats.forwards += 1
         stats.tokens += len(ids)
@@ -210,3 +285,42 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
         if read:
             hiddens.append(rec.hidden[0].float().cpu())
     return LastTokenOutput(torch.tensor(tops), torch.stack(hiddens) if read else None, stats)
+
+
+def next_token_logits(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, patches: Sequence[RowPatch] | None = None,
+                      mode: str = "replace", batch_size: int = 64) -> torch.Tensor:
+    """The last position's next-token logits of each prompt: ``[n_prompts, vocab]``, float32, on the CPU."""
+    return predict_last(lm, prompts, patches=patches, mode=mode, logits=True, batch_size=batch_size).logits
+
+
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+@torch.inference_mode()
+def generate_greedy(lm: LanguageModel, prompt: Sequence[int], *, patches: Sequence[Patch] = (), mode: str = "replace",
+                    max_new_tokens: int = 8, stop: str | None = "\n") -> list[int]:
+    """Greedy continuation of one prompt; ``patches`` act on the prompt's last token only.
+
+    The prompt runs once (with the patches) and fills the key/value cache; each new token then
+    runs alone on that cache, unpatched, so it sees the patch only through the cache. Stops at
+    the end-of-sequence token, after ``max_new_tokens``, or once the decoded text holds ``stop``.
+    """
+    if len(prompt) == 0:
+        raise ValueError("the prompt has no tokens.")
+    ids = torch.tensor([list(prompt)], device=lm.device)
+    with contextlib.ExitStack() as stack:
+        for layer, vector, position in _row_patches(list(patches)):
+            stack.enter_context(patch_hidden(lm, layer, position, vector, mode=mode))
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        if token == lm.tokenizer.eos_token_id:
+            break
+        generated.append(token)
+        if stop and stop in lm.tokenizer.decode(generated):
+            break
+        out = lm.model(input_ids=torch.tensor([[token]], device=lm.device), use_cache=True, logits_to_keep=1,
+                       **_cache_arg(lm, _cache_of(out)))
+    return generated
