@@ -7,14 +7,33 @@ tests/test_docs.py checks that the file matches what the code says today.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
+
+
+class Printed(Exception):
+    """What the command line printed on stderr (an argparse error, or tvlab's own ``tvlab: error:`` line)."""
+
+
+def _command_line(*argv: str) -> None:
+    from tvlab.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        main(["reproduce", "--model", "tiny-llama", *argv])
+    lines = err.getvalue().strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if "error:" in line)
+    raise Printed(" ".join(line.strip() for line in lines[start:]))
 
 
 def _cases(tmp: Path):
@@ -61,17 +80,41 @@ def _cases(tmp: Path):
         with torch.no_grad(), tvlab.read_hidden(lm, position=40):
             lm.model(input_ids=torch.tensor([[2, 5, 6]]))
 
+    def not_utf8():
+        (tmp / "latin-1.csv").write_bytes("café,coffee\n".encode("latin-1"))
+        tvlab.load_task(tmp / "latin-1.csv")
+
+    def as_error(call):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call()
+
+    def cpu_only_torch(*argv):
+        with mock.patch("torch.cuda.is_available", lambda: False), mock.patch("torch.backends.cuda.is_built", lambda: False), \
+                mock.patch("torch.__version__", "2.8.0+cpu"):  # the same page on every machine
+            _command_line(*argv)
+
+    few = [{"input": "hot", "output": "cold"}, {"input": "big", "output": "small"}]
+
     return [
         ("Task", "an unknown task name", lambda: tvlab.get_task("antonym")),
         ("Task", "a task file that is not JSON", lambda: tvlab.load_task(task_file("t.json", "{oops"))),
         ("Task", "a row without \"output\"", lambda: tvlab.load_task(task_file("t.json", '[{"input": "a"}]'))),
         ("Task", "an empty string", lambda: tvlab.load_task(task_file("t.json", '[{"input": "a", "output": " "}]'))),
-        ("Task", "one input, two outputs", lambda: tvlab.load_task(task_file(
-            "t.json", '[{"input": "a", "output": "b"}, {"input": "a", "output": "c"}]'))),
+        ("Task", "a task file that is not UTF-8", not_utf8),
+        ("Task", "one input, two outputs, in a task file (a warning; both are accepted)", lambda: as_error(
+            lambda: tvlab.load_task(task_file("t.json", '[{"input": "a", "output": "b"}, {"input": "a", "output": "c"}]')))),
+        ("Task", "one input, two outputs, in a Task built in code (and tvlab's own data)", lambda: tvlab.Task(
+            "t", "custom", (tvlab.Pair("a", "b"), tvlab.Pair("a", "c")))),
+        ("Task", "a JSON object task file with an answer that is not a string", lambda: tvlab.load_task(task_file(
+            "t.json", '{"hot": "cold", "big": {"size": "small"}}'))),
         ("Task", "a CSV row with three columns", lambda: tvlab.load_task(task_file("t.csv", "a,b\nc,d,e\n"))),
         ("Task", "fewer pairs than a set needs", lambda: tvlab.sample_sets(
             tvlab.Task("five", "custom", tuple(tvlab.Pair(str(i), str(i)) for i in range(5))), 1, 5, seed=0, n_dummies=2)),
         ("Task", "answers that are not one token", lambda: tvlab.run_task(lm, task_file("p.json", json.dumps(phrases)), small)),
+        ("Task", "several unusable tasks in one run (all reported before any work)", lambda: tvlab.reproduce.run_main(
+            lm, ["antonyms", task_file("p.json", json.dumps(phrases)), task_file("few.json", json.dumps(few))], small,
+            progress=False)),
         ("Settings", "a layer out of range", lambda: tvlab.explore.three_predictions(lm, "antonyms", "hot", layer=4)),
         ("Settings", "a zero or negative count", lambda: tvlab.ExperimentConfig(n_test=0)),
         ("Settings", "more demonstrations than the context allows", lambda: tvlab.run_task(
@@ -83,6 +126,12 @@ def _cases(tmp: Path):
         ("Model", "a block that returns something unexpected", odd_block),
         ("Model", "an unknown dtype", lambda: tvlab.load_model("tiny-llama", dtype="float8")),
         ("Cache", "a cache folder that cannot be written", unwritable_cache),
+        ("Command line", "`--device cuda` with a CPU-only torch", lambda: cpu_only_torch("--device", "cuda", "--out", str(tmp))),
+        ("Command line", "an unknown `--device`", lambda: _command_line("--device", "gpu", "--out", str(tmp))),
+        ("Command line", "`--out` naming a file", lambda: _command_line("--out", str(blocker))),
+        ("Command line", "a negative `--seed`", lambda: _command_line("--seed", "-5")),
+        ("Command line", "bad task names and a task listed twice (all reported before loading)", lambda: _command_line(
+            "--tasks", "antonym,antonyms", "antonyms", str(tmp / "missing.json"), "--out", str(tmp))),
     ]
 
 
@@ -94,7 +143,7 @@ def collect() -> list[tuple[str, str, str]]:
             try:
                 call()
             except Exception as e:  # the point: show the message
-                message = f"{type(e).__name__}: {e}".replace(tmp, "/tmp/…")
+                message = (str(e) if isinstance(e, Printed) else f"{type(e).__name__}: {e}").replace(tmp, "/tmp/…")
             else:
                 raise AssertionError(f"{what}: no error was raised")
             rows.append((kind, what, message))

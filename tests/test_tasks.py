@@ -58,8 +58,9 @@ def test_user_task_from_json_and_csv(tmp_path):
     ("{not json", "not valid JSON"),
     ('[{"input": "a"}]', "needs both"),
     ('[{"input": "a", "output": ""}]', "the output is empty"),
-    ('[{"input": "a", "output": "b"}, {"input": "a", "output": "c"}]', "mapped to two outputs"),
     ("[]", "holds no pairs"),
+    ("{}", "holds no pairs"),
+    ('{"a": null}', "maps to an output string"),
 ])
 def test_bad_user_task_files(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
+from pathlib import Path
 
 from .experiments import ExperimentConfig
 from .models import DEFAULT_MODEL, ModelError
@@ -27,6 +30,30 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _out_folder(text: str) -> str:
+    """``--out``: a folder that exists or can be created, and can be written."""
+    path = Path(text).absolute()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder: name a folder for the results "
+                                         "(it is created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create the folder {text!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {str(existing)!r} (no permission): pass a folder you can write to")
+    return text
+
+
+def _task_specs(values: list[str] | None) -> list[str]:
+    """``--tasks a b`` or ``--tasks a,b``: names and paths, split on commas (a path that exists stays whole)."""
+    if values is None:
+        return list_tasks(include_extra=False)
+    specs = [piece.strip() for v in values for piece in ([v] if Path(v).exists() else v.split(",")) if piece.strip()]
+    if not specs:
+        raise TaskError(f"--tasks {' '.join(values)!r} names no task; give task names or task files, e.g. --tasks antonyms,fr_en.")
+    return specs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvlab", description="Explore how in-context learning creates task vectors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,36 +62,50 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Reproduce the main result of Hendel, Geva & Globerson (2023) on a model.")
     rep.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model id or local folder (default: the bundled {DEFAULT_MODEL})")
     rep.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
-                     help="task names or paths of your own .json/.csv task files (default: the paper's 18 tasks)")
+                     help="task names or paths of your own .json/.csv task files, separated by spaces or commas "
+                          "(default: the paper's 18 tasks)")
+    rep.add_argument("--scoring", choices=["exact", "prefix"], default="exact",
+                     help="how answers to your task files are scored: exact (default, the paper's rule) or prefix (the "
+                          "paper's rule for knowledge tasks, e.g. 'Buenos' for 'Buenos Aires'); built-in tasks keep their own rule")
     rep.add_argument("--n-test", type=_positive, default=d.n_test, help=f"test sets per task (default {d.n_test})")
     rep.add_argument("--n-dev", type=_positive, default=d.n_dev, help=f"dev sets per task, for choosing the layer (default {d.n_dev})")
     rep.add_argument("--n-baseline", type=_positive, default=d.n_baseline, help=f"zero-shot baseline queries per task (default {d.n_baseline})")
     rep.add_argument("--n-demos", type=_non_negative, default=d.n_demos, help=f"demonstrations per prompt (default {d.n_demos})")
-    rep.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed}, as in the paper's code)")
+    rep.add_argument("--seed", type=_non_negative, default=d.seed, help=f"random seed (default {d.seed}, as in the paper's code)")
     rep.add_argument("--format", choices=sorted(FORMATS), default=d.format,
                      help="prompt format: paper = 'example:x->y' (default), arrow = 'x -> y', qa = 'Q: x / A: y'")
-    rep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype (default float32)")
-    rep.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    rep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="model dtype (default: the environment variable TVLAB_DTYPE if set, else float32)")
+    rep.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
     rep.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"prompts per forward pass; lower it if memory runs out (default {d.batch_size})")
-    rep.add_argument("--out", default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
+    rep.add_argument("--out", type=_out_folder, default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub.add_parser("tasks", help="list the built-in tasks")
+    sub.add_parser("course", add_help=False,
+                   help="release the notebooks as nbgrader assignments and grade submissions (tvlab course -h)")
     return parser
 
 
 def _reproduce(args) -> int:
     from . import reproduce
-    from .models import load_model
-    from .tasks import get_task
+    from .models import _resolve_device, load_model
 
     config = ExperimentConfig(n_demos=args.n_demos, n_test=args.n_test, n_dev=args.n_dev, n_baseline=args.n_baseline,
                               seed=args.seed, format=args.format, batch_size=args.batch_size)
-    tasks = [get_task(t) for t in (args.tasks or list_tasks(include_extra=False))]  # fail on a bad name before loading
+    # Everything that can be checked without the model is checked before loading it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        tasks = reproduce.resolve_tasks(_task_specs(args.tasks), args.scoring)
+    for warning in caught:
+        print(f"tvlab: warning: {warning.message}", file=sys.stderr)
+    if args.device is not None:
+        _resolve_device(args.device)
     start = time.perf_counter()
-    print(f"Loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
+    dtype = args.dtype or os.environ.get("TVLAB_DTYPE") or "float32"
+    print(f"Loading {args.model} ({dtype}) ...", file=sys.stderr, flush=True)
     lm = load_model(None if args.model == DEFAULT_MODEL else args.model, dtype=args.dtype, device=args.device)
     print(f"Loaded {lm} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    results = reproduce.run_main(lm, tasks, config, out=args.out, progress=not args.no_progress)
+    results = reproduce.run_main(lm, tasks, config, out=args.out, progress=not args.no_progress, scoring=args.scoring)
     print(reproduce.report(results))
     written = reproduce.save(results, args.out)
     resumed = f" ({len(results.resumed)} tasks resumed from an earlier run)" if results.resumed else ""
@@ -73,6 +114,11 @@ def _reproduce(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["course"]:  # the course tooling keeps its own parser (tvlab course -h)
+        from .course import main as course_main
+
+        return course_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "tasks":

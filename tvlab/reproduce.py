@@ -1,11 +1,22 @@
 """``tvlab reproduce``: the paper's main experiment on many tasks, resumable, with a report.
 
->>> results = tvlab.reproduce.run_main(lm, tvlab.list_tasks(), tvlab.ExperimentConfig(), out="results")
->>> print(tvlab.reproduce.report(results))
+>>> lm = tvlab.load_model("tiny-llama")   # tvlab.load_model() loads the real Gemma 3 270M
+>>> config = tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2)   # ExperimentConfig(): the paper's protocol
+>>> results = tvlab.reproduce.run_main(lm, tvlab.list_tasks(), config, out="results", progress=False)
+>>> print(tvlab.reproduce.report(results))   # doctest: +ELLIPSIS
+Model: tiny-llama   prompts: paper format, 5 demonstrations, 2 test / 2 dev / 2 baseline sets, seed 41
+<BLANKLINE>
+task                         category      base   ICL    TV TV/ICL layer 1-token pairs
+...
+>>> again = tvlab.reproduce.run_main(lm, tvlab.list_tasks(), config, out="results", progress=False)
+>>> len(again.resumed)                    # every task was picked up from results/.partial
+19
 
 Each finished task's predictions are written atomically to
 ``OUT/.partial/<settings-key>/<task>.csv``; running again with the same model, settings
-and tasks picks up the finished ones, and different settings never share a folder.
+and tasks picks up the finished ones, and different settings never share a folder (the key
+covers the model's files, the scoring rule and the versions of tvlab, torch and transformers).
+Every task is loaded and checked before the first forward pass.
 """
 
 from __future__ import annotations
@@ -24,9 +35,10 @@ from tqdm.auto import tqdm
 
 from . import paper
 from .engine import ForwardStats
-from .experiments import ExperimentConfig, category_means, layer_accuracy, run_task, summarize
+from .experiments import ExperimentConfig, category_means, layer_accuracy, prepare_task, run_task, summarize
 from .models import LanguageModel
-from .tasks import Task, get_task
+from .prompts import FilterReport
+from .tasks import CATEGORIES, Scoring, Task, TaskError, get_task, is_task_file, load_task
 
 
 @dataclass
@@ -43,9 +55,54 @@ class MainResults:
     resumed: list[str] = field(default_factory=list)
 
 
+_SMALL_FILE = 8 << 20  # files up to this size are hashed; larger ones (weights) count by size and mtime
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """A hash of a model folder's files: names and sizes, the contents of small files (config, tokenizer),
+    and the mtime of large ones (weights), so that an edited or replaced model never reuses old results."""
+    h = hashlib.sha256()
+    files = (p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for path in sorted(files):  # hidden entries (.git, .cache) are not the model
+        stat = path.stat()
+        h.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0".encode())
+        if stat.st_size <= _SMALL_FILE:
+            h.update(path.read_bytes())
+        else:
+            h.update(str(stat.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(lm: LanguageModel) -> str:
+    """What identifies the model's weights: its local folder's files, the offline model's manifest, else its name."""
+    from . import models
+
+    if Path(lm.name).is_dir():
+        return _folder_fingerprint(Path(lm.name))
+    if lm.name in models.OFFLINE_MODELS:  # the checksums of the converted files, from the cache's manifest
+        manifest = models.cache_root() / "models" / models.OFFLINE_MODELS[lm.name].folder / "tvlab-manifest.json"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return lm.name
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"tvlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def settings_key(lm: LanguageModel, config: ExperimentConfig, task: Task) -> str:
-    """A short hash of everything that changes a task's numbers."""
-    spec = {"model": lm.name, "dtype": str(lm.dtype), "config": config.as_dict(), "task": task.name,
+    """A short hash of everything that changes a task's numbers: model (and its files), dtype, settings,
+    the task's pairs and scoring rule, and the versions of tvlab, torch and transformers."""
+    spec = {"model": lm.name, "weights": model_fingerprint(lm), "dtype": str(lm.dtype), "config": config.as_dict(),
+            "task": task.name, "scoring": task.scoring, "versions": _versions(),
             "pairs": hashlib.sha256(json.dumps([(p.input, p.answers) for p in task.pairs]).encode()).hexdigest()}
     for speed_only in ("batch_size", "fast_path"):  # they change how fast, not what is predicted
         spec["config"].pop(speed_only)
@@ -64,18 +121,63 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentConfig | None = None,
-             out: str | Path | None = None, progress: bool = True) -> MainResults:
-    """Run :func:`tvlab.run_task` on every task; with ``out``, resume finished tasks."""
-    config = config or ExperimentConfig()
-    resolved = [t if isinstance(t, Task) else get_task(t) for t in tasks]
+def resolve_tasks(tasks: Sequence[str | Path | Task], scoring: Scoring = "exact") -> list[Task]:
+    """Tasks by name, path or :class:`Task`; every bad name or file and every duplicate in one TaskError.
+
+    ``scoring`` applies to task files; built-in tasks keep their own rule.
+    """
+    resolved, problems = [], []
+    for t in tasks:
+        try:
+            resolved.append(t if isinstance(t, Task) else load_task(t, scoring=scoring) if is_task_file(t) else get_task(t))
+        except TaskError as e:
+            problems.append(str(e))
     names = [t.name for t in resolved]
-    if len(set(names)) != len(names):
-        raise ValueError(f"a task is listed twice: {names}.")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"{', '.join(repr(n) for n in twice)} listed more than once: list each task once (a task "
+                        "from a file takes the file's name without .json/.csv: rename a file whose name clashes).")
+    if len(problems) == 1:
+        raise TaskError(problems[0])
+    if problems:
+        raise TaskError(_listed(f"{len(problems)} problems with the tasks asked for:", problems))
+    return resolved
+
+
+def _listed(head: str, problems: list[str]) -> str:
+    return head + "".join(f"\n  - {p}" for p in problems)
+
+
+def prepare_tasks(lm: LanguageModel, tasks: Sequence[Task], config: ExperimentConfig) -> list[tuple[Task, FilterReport]]:
+    """:func:`tvlab.prepare_task` for every task before any forward pass; all unusable tasks in one TaskError."""
+    prepared, problems = [], []
+    for task in tasks:
+        try:
+            prepared.append(prepare_task(lm, task, config))
+        except TaskError as e:
+            problems.append(str(e))
+    if problems and len(tasks) == 1:
+        raise TaskError(problems[0])
+    if problems:
+        raise TaskError(_listed(f"{len(problems)} of the {len(tasks)} tasks cannot be used, so nothing was run; "
+                                "fix or leave out:", problems))
+    return prepared
+
+
+def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentConfig | None = None,
+             out: str | Path | None = None, progress: bool = True, scoring: Scoring = "exact") -> MainResults:
+    """Run :func:`tvlab.run_task` on every task; with ``out``, resume finished tasks.
+
+    Every task is loaded and filtered first, so an unusable one stops the run before any
+    work, with all such tasks in one error. ``scoring`` applies to task files.
+    """
+    config = config or ExperimentConfig()
+    resolved = resolve_tasks(tasks, scoring)
+    prepared = prepare_tasks(lm, resolved, config)
     stats, frames, counts, resumed = ForwardStats(), [], [], []
     start = time.perf_counter()
-    bar = tqdm(resolved, desc="tasks", unit="task", disable=not progress)
-    for task in bar:
+    bar = tqdm(list(zip(resolved, prepared)), desc="tasks", unit="task", disable=not progress)
+    for task, (usable, filter_report) in bar:
         bar.set_postfix_str(task.name)
         partial = Path(out) / ".partial" / settings_key(lm, config, task) / f"{task.name}.csv" if out else None
         if partial is not None and partial.exists():
@@ -85,16 +187,15 @@ def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentC
             meta = json.loads(partial.with_suffix(".json").read_text())
             resumed.append(task.name)
         else:
-            run = run_task(lm, task, config, stats=stats)
-            predictions = run.predictions
-            meta = {"kept": run.filter_report.kept, "total": run.filter_report.total}
+            predictions = run_task(lm, usable, config, stats=stats).predictions  # filtering again keeps every pair
+            meta = {"kept": filter_report.kept, "total": filter_report.total}
             if partial is not None:
                 _write_atomic(partial.with_suffix(".json"), json.dumps(meta))
                 _write_atomic(partial, predictions.to_csv(index=False))  # written last: marks the task done
         frames.append(predictions)
         counts.append({"task": task.name, "pairs": meta["total"], "single_token": meta["kept"]})
     predictions = pd.concat(frames, ignore_index=True)
-    summary = summarize(predictions).merge(pd.DataFrame(counts), on="task")
+    summary = summarize(predictions, ci=True).merge(pd.DataFrame(counts), on="task")
     return MainResults(predictions, summary, layer_accuracy(predictions), category_means(summary),
                        pd.DataFrame(counts), config, lm.name, time.perf_counter() - start, stats, resumed)
 
@@ -105,35 +206,57 @@ def _fmt(x) -> str:
     return "  -  " if pd.isna(x) else f"{x:5.2f}"
 
 
+def _pm(r, col: str) -> str:
+    """An accuracy and the half-width of its 95 % interval, e.g. ' 0.62±.13' (just the accuracy without one)."""
+    half = r.get(f"{col} ±")
+    if half is None or pd.isna(half) or pd.isna(r[col]):
+        return f"{_fmt(r[col])}    "
+    return f"{r[col]:5.2f}±{half:.2f}".replace("±0.", "±.").replace("±1.00", "±1. ")
+
+
+def _paper_tasks(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``summary`` that are the paper's own tasks (not user files that share a name)."""
+    return summary[summary["task"].isin(set(paper.results()["task"])) & summary["category"].isin(CATEGORIES)]
+
+
 def report(results: MainResults) -> str:
-    """The per-task and per-category tables, next to the paper's published averages."""
+    """The per-task and per-category tables, next to the paper's published averages.
+
+    The paper's numbers are shown only for the paper's tasks in this run: none for a run
+    on your own tasks only; for a mix, the comparison is over the paper's tasks present.
+    """
+    paper_tasks = _paper_tasks(results.summary)
+    compared = set(paper_tasks["category"]) | ({"all tasks"} if len(paper_tasks) == len(results.summary) else set())
     lines = [f"Model: {results.model}   prompts: {results.config.format} format, {results.config.n_demos} demonstrations, "
              f"{results.config.n_test} test / {results.config.n_dev} dev / {results.config.n_baseline} baseline sets, "
              f"seed {results.config.seed}", ""]
-    head = f"{'task':28s} {'category':12s} {'base':>5s} {'ICL':>5s} {'TV':>5s} {'TV/ICL':>6s} {'layer':>5s} {'1-token pairs':>13s}"
-    lines += [head, "-" * len(head)]
+    head = (f"{'task':28s} {'category':12s} {'base':>9s} {'ICL':>9s} {'TV':>9s} {'TV/ICL':>6s} {'layer':>5s} "
+            f"{'1-token pairs':>13s}")
+    lines += ["± is the half-width of a 95 % confidence interval over the sets (Wilson; categories combine their tasks').",
+              "", head, "-" * len(head)]
     for _, r in results.summary.iterrows():
-        lines.append(f"{r.task:28s} {r.category:12s} {_fmt(r.baseline)} {_fmt(r.icl)} {_fmt(r.task_vector)} "
+        lines.append(f"{r.task:28s} {r.category:12s} {_pm(r, 'baseline')} {_pm(r, 'icl')} {_pm(r, 'task_vector')} "
                      f"{_fmt(r.tv_over_icl):>6s} {int(r.best_layer):5d} {f'{r.single_token}/{r.pairs}':>13s}")
-    lines += ["", f"{'category':28s} {'tasks':>5s} {'base':>5s} {'ICL':>5s} {'TV':>5s} {'TV/ICL':>6s}   paper (all models) TV/ICL",
-              "-" * 86]
+    ref_head = "   paper (all models) TV/ICL" if len(paper_tasks) else ""
+    lines += ["", f"{'category':28s} {'tasks':>5s} {'base':>9s} {'ICL':>9s} {'TV':>9s} {'TV/ICL':>6s}{ref_head}",
+              "-" * (70 + len(ref_head))]
     published = paper.category_means().set_index("category")
     for _, r in results.categories.iterrows():
-        ref = published.loc[r.category] if r.category in published.index else None
-        if r.category == "all tasks":
+        ref = published.loc[r.category] if r.category in published.index and r.category in compared else None
+        if r.category == "all tasks" and r.category in compared:
             ref = paper.model_means().set_index("model").loc["all models"]
         ref_text = f"{ref.task_vector:.2f} / {ref.icl:.2f} = {ref.tv_over_icl:.2f}" if ref is not None else ""
-        lines.append(f"{r.category:28s} {int(r.n_tasks):5d} {_fmt(r.baseline)} {_fmt(r.icl)} {_fmt(r.task_vector)} "
-                     f"{_fmt(r.tv_over_icl):>6s}   {ref_text}")
+        lines.append(f"{r.category:28s} {int(r.n_tasks):5d} {_pm(r, 'baseline')} {_pm(r, 'icl')} {_pm(r, 'task_vector')} "
+                     f"{_fmt(r.tv_over_icl):>6s}   {ref_text}".rstrip())
+    if not len(paper_tasks):
+        return "\n".join(lines)
     lines += ["", "The paper's means over its 18 tasks (" + paper.CITATION + "):",
               f"{'model':14s} {'base':>5s} {'ICL':>5s} {'TV':>5s} {'TV/ICL':>6s}"]
     for _, r in paper.model_means().iterrows():
         lines.append(f"{r.model:14s} {_fmt(r.baseline)} {_fmt(r.icl)} {_fmt(r.task_vector)} {_fmt(r.tv_over_icl):>6s}")
-    paper_tasks = results.summary[results.summary["task"].isin(set(paper.results()["task"]))]
-    if len(paper_tasks):
-        ours = paper_tasks[["baseline", "icl", "task_vector"]].mean()
-        lines.append(f"{'this run':14s} {_fmt(ours.baseline)} {_fmt(ours.icl)} {_fmt(ours.task_vector)} "
-                     f"{_fmt(ours.task_vector / ours.icl if ours.icl > 0 else float('nan')):>6s}   ({len(paper_tasks)} of the paper's tasks, {results.model})")
+    ours = paper_tasks[["baseline", "icl", "task_vector"]].mean()
+    lines.append(f"{'this run':14s} {_fmt(ours.baseline)} {_fmt(ours.icl)} {_fmt(ours.task_vector)} "
+                 f"{_fmt(ours.task_vector / ours.icl if ours.icl > 0 else float('nan')):>6s}   ({len(paper_tasks)} of the paper's tasks, {results.model})")
     return "\n".join(lines)
 
 
@@ -157,8 +280,8 @@ def save(results: MainResults, out: str | Path) -> list[Path]:
     written.append(out / "results.json")
     import matplotlib.pyplot as plt
 
-    for name, fig in (("main_results.png", plots.main_bars(results.summary, f"{results.model}: ICL vs task vector")),
-                      ("accuracy_by_layer.png", plots.layer_curves(results.by_layer, title=f"{results.model}: task-vector accuracy by layer (dev)"))):
+    for name, fig in (("main_results.png", plots.main_bars(results.predictions, f"{results.model}: ICL vs task vector")),
+                      ("accuracy_by_layer.png", plots.layer_curves(results.predictions, title=f"{results.model}: task-vector accuracy by layer (dev)"))):
         fig.savefig(out / name, dpi=130)
         plt.close(fig)
         written.append(out / name)

@@ -2,12 +2,18 @@
 
 >>> import tvlab
 >>> task = tvlab.get_task("country_capital")
->>> task.pairs[0], task.score("Paris", task.pairs[0])
+>>> task.category, task.scoring, len(task)
+('knowledge', 'prefix', 195)
+>>> task.pairs[0]
+Pair(input='Afghanistan', output='Kabul', accept=())
+>>> task.score(" Kab", task.pairs[0]), task.score("Paris", task.pairs[0])   # a decoded first token
+(True, False)
 
 The paper's 18 tasks come in four categories. The algorithmic ones are generated
 here; the others are JSON files in ``data/`` written for this project (see
 ``data/README.md``). Your own task is a JSON list of ``{"input", "output"}``
-objects or a two-column CSV: ``tvlab.load_task("path/to/file.json")``.
+objects, a JSON object ``{"input": "output", ...}`` (the format of the paper's own
+files) or a two-column CSV: ``tvlab.load_task("path/to/file.json")``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import csv
 import difflib
 import json
 import string
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Literal
@@ -89,6 +96,13 @@ class Task:
             return guess in pair.answers
         return any(a.startswith(guess) or guess.startswith(a) for a in pair.answers)
 
+    def with_scoring(self, scoring: Scoring) -> "Task":
+        """The same task under another scoring rule: ``"exact"`` is the strict alternative to a
+        knowledge task's ``"prefix"`` (only one-token answers survive the filter, matched whole)."""
+        if scoring not in ("exact", "prefix"):
+            raise TaskError(f"scoring must be 'exact' or 'prefix', got {scoring!r}.")
+        return replace(self, scoring=scoring, notes=self.notes + (f"scored {scoring}",))
+
     def with_pairs(self, pairs: Iterable[Pair], note: str | None = None) -> "Task":
         """The same task restricted to ``pairs`` (e.g. after the single-token filter)."""
         notes = self.notes + ((note,) if note else ())
@@ -150,35 +164,104 @@ def _load_data_file(path: Path) -> Task:
     )
 
 
-def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exact") -> Task:
-    """Load a user task: a JSON list of ``{"input", "output"}`` objects, or a two-column CSV.
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"task file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start}). "
+                        "Save it with the UTF-8 encoding (in Excel: 'CSV UTF-8'; in an editor: save with encoding "
+                        "UTF-8) and try again.") from None
 
-    >>> task = tvlab.load_task("antonyms_fr.json")   # [{"input": "chaud", "output": "froid"}, ...]
+
+def _csv_records(path: Path, text: str) -> list[dict]:
+    rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["input", "output"]:
+        rows = rows[1:]
+    bad = [i for i, r in enumerate(rows) if len(r) != 2]
+    if bad:
+        raise TaskError(f"{path}: row {bad[0] + 1} has {len(rows[bad[0]])} columns; a task CSV has exactly two (input, output).")
+    return [{"input": r[0], "output": r[1]} for r in rows]
+
+
+def _mapping_records(path: Path, mapping: dict) -> list[dict]:
+    """The paper's format: ``{"hot": "cold", ...}``; a list value is the output, then other accepted answers."""
+    records = []
+    for key, value in mapping.items():
+        answers = value if isinstance(value, list) else [value]
+        if not answers or any(isinstance(a, (dict, list)) or a is None for a in answers):
+            raise TaskError(f"{path}: the input {key!r} maps to {value!r}; in a JSON object task file every input maps "
+                            "to an output string (or a list of accepted output strings).")
+        records.append({"input": key, "output": answers[0], "accept": [str(a) for a in answers[1:]]})
+    return records
+
+
+def _json_records(path: Path, text: str) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path} is not valid JSON ({e}). A task file is a JSON list of "
+                        "{\"input\": ..., \"output\": ...} objects, a JSON object {\"input\": \"output\", ...}, "
+                        "or a two-column CSV.") from None
+    if isinstance(data, dict):
+        return data["pairs"] if "pairs" in data else _mapping_records(path, data)
+    return data
+
+
+def _merge_multiple_outputs(path: Path, pairs: tuple[Pair, ...]) -> tuple[Pair, ...]:
+    """One pair per input that has several outputs: the first is the output, the others are accepted too."""
+    answers: dict[str, list[str]] = {}
+    outputs: dict[str, set[str]] = {}
+    for p in pairs:
+        answers.setdefault(p.input, [])
+        answers[p.input] += [a for a in p.answers if a not in answers[p.input]]
+        outputs.setdefault(p.input, set()).add(p.output)
+    conflicted = {x for x, outs in outputs.items() if len(outs) > 1}
+    if not conflicted:
+        return pairs
+    ordered = [x for x in answers if x in conflicted]
+    shown = ", ".join(repr(x) for x in ordered[:3]) + (", ..." if len(ordered) > 3 else "")
+    warnings.warn(f"{path}: {len(conflicted)} input(s) have several outputs ({shown}); each is kept once, its first "
+                  "output shown in prompts and every listed output accepted as a correct answer.", UserWarning, stacklevel=3)
+    merged, done = [], set()
+    for p in pairs:
+        if p.input not in conflicted:
+            merged.append(p)
+        elif p.input not in done:
+            done.add(p.input)
+            merged.append(Pair(p.input, answers[p.input][0], tuple(answers[p.input][1:])))
+    return tuple(merged)
+
+
+def is_task_file(name_or_path: str | Path) -> bool:
+    """Does ``name_or_path`` name a task file (a Path, or a name ending in .json or .csv) rather than a built-in task?"""
+    return isinstance(name_or_path, Path) or str(name_or_path).lower().endswith((".json", ".csv"))
+
+
+def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exact") -> Task:
+    """Load a user task: a JSON list of ``{"input", "output"}`` objects, a JSON object
+    ``{"input": "output", ...}`` (the paper's files), or a two-column CSV.
+
+    An input listed with several outputs is kept once, with every output accepted (a
+    UserWarning names such inputs). ``scoring="prefix"`` scores like the paper's knowledge tasks.
+
+    >>> from pathlib import Path
+    >>> _ = Path("antonyms_fr.json").write_text('[{"input": "chaud", "output": "froid"}, {"input": "grand", "output": "petit"}]')
+    >>> task = tvlab.load_task("antonyms_fr.json")
+    >>> task.name, task.category, len(task), task.pairs[0]
+    ('antonyms_fr', 'custom', 2, Pair(input='chaud', output='froid', accept=()))
     """
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {str(path)!r} does not exist.")
+    if scoring not in ("exact", "prefix"):
+        raise TaskError(f"unknown scoring rule {scoring!r}; choose 'exact' or 'prefix'.")
     name = name or path.stem
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["input", "output"]:
-            rows = rows[1:]
-        bad = [i for i, r in enumerate(rows) if len(r) != 2]
-        if bad:
-            raise TaskError(f"{path}: row {bad[0] + 1} has {len(rows[bad[0]])} columns; a task CSV has exactly two (input, output).")
-        records = [{"input": r[0], "output": r[1]} for r in rows]
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path} is not valid JSON ({e}). A task file is a JSON list of "
-                            "{\"input\": ..., \"output\": ...} objects, or a two-column CSV.") from None
-        records = data["pairs"] if isinstance(data, dict) and "pairs" in data else data
+    text = _read_text(path)
+    records = _csv_records(path, text) if path.suffix.lower() == ".csv" else _json_records(path, text)
     pairs = _pairs_from_records(records, str(path))
     if not pairs:
         raise TaskError(f"{path} holds no pairs.")
-    return Task(name=name, category="custom", pairs=pairs, scoring=scoring,
+    return Task(name=name, category="custom", pairs=_merge_multiple_outputs(path, pairs), scoring=scoring,
                 description=f"user task from {path.name}", source=str(path))
 
 
@@ -264,7 +347,7 @@ def get_task(name_or_path: str | Path) -> Task:
 
     An unknown name raises :class:`TaskError` listing the closest known names.
     """
-    if isinstance(name_or_path, Path) or str(name_or_path).lower().endswith((".json", ".csv")):
+    if is_task_file(name_or_path):
         return load_task(name_or_path)
     name = str(name_or_path)
     known = list_tasks()
