@@ -55,3 +55,25 @@ def test_summary_and_categories(tiny):
     cats = tvlab.category_means(summary)
     assert list(cats["category"]) == ["linguistic", "algorithmic", "all tasks"]
     assert cats.set_index("category").loc["all tasks", "n_tasks"] == 3
+
+
+def test_wilson_interval_known_values():
+    from tvlab.experiments import wilson_interval
+
+    lo, hi = wilson_interval(10, 20)
+    assert abs(lo - 0.2993) < 1e-3 and abs(hi - 0.7007) < 1e-3     # 0.5 over 20: about ±0.20
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.15 < hi < 0.17                            # not a zero-width interval at 0/20
+    assert wilson_interval(20, 20)[1] == 1.0
+
+
+def test_summary_and_categories_carry_their_uncertainty(tiny):
+    run = tvlab.run_task(tiny, "antonyms", tvlab.ExperimentConfig(n_test=6, n_dev=3, n_baseline=4))
+    table = tvlab.summarize(run.predictions, ci=True)
+    assert list(table.columns[2:8]) == ["baseline", "baseline ±", "icl", "icl ±", "task_vector", "task_vector ±"]
+    ci = tvlab.experiments.accuracy_ci(run.predictions[run.predictions["split"] == "test"])
+    row = ci[ci["method"] == "icl"].iloc[0]
+    assert row["n"] == 6 and row["lo"] <= row["accuracy"] <= row["hi"]
+    assert table["icl ±"].iloc[0] == max(row["hi"] - row["accuracy"], row["accuracy"] - row["lo"])
+    cats = tvlab.category_means(table)
+    assert "icl ±" in cats and cats["icl ±"].iloc[0] == table["icl ±"].iloc[0]  # one task: its own interval

@@ -49,3 +49,15 @@ def test_single_token_filter_counts_answers_in_context(tiny):
     assert report.kept == 10 and report.total == 11 and len(kept) == 10
     with pytest.raises(TaskError, match="10 usable pairs remain but a set needs 11"):
         tvlab.single_token_filter(task, tiny.tokenizer, fmt, min_pairs=11)
+
+
+def test_filter_report_says_what_was_dropped_and_what_prefix_scoring_keeps(tiny):
+    from tvlab.prompts import FilterReport
+
+    exact = FilterReport("en_es", 584, 111, ("'perro'", "'gato'"))
+    assert str(exact) == "en_es: 111/584 pairs kept (their answer is one token); 473 dropped, e.g. 'perro', 'gato'"
+    prefix = FilterReport("country_capital", 195, 195, (), "prefix", 40)
+    assert "195/195 pairs kept; scored by prefix" in str(prefix) and "40 answers of several tokens" in str(prefix)
+    strict = tvlab.get_task("country_capital").with_scoring("exact")
+    assert strict.scoring == "exact" and not strict.score("Lux", tvlab.Pair("Luxembourg", "Luxembourg City"))
+    assert tvlab.get_task("country_capital").score("Lux", tvlab.Pair("Luxembourg", "Luxembourg City"))

@@ -112,6 +112,8 @@ def test_two_processes_loading_at_once_convert_once(tmp_path):
 def test_bad_experiment_settings(tiny):
     with pytest.raises(ValueError, match="n_dev must be a whole number >= 1"):
         tvlab.ExperimentConfig(n_dev=-3)
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, got -5"):
+        tvlab.ExperimentConfig(seed=-5)
     with pytest.raises(ValueError, match="layers run from 0 to 3"):
         tvlab.explore.three_predictions(tiny, "antonyms", "hot", layer=4)
     with pytest.raises(ValueError, match="takes at most 512"):
@@ -122,7 +124,7 @@ def test_too_few_single_token_answers_is_refused_with_counts(tiny, tmp_path):
     path = tmp_path / "phrases.json"
     path.write_text(json.dumps([{"input": f"w{i}", "output": "two words"} for i in range(20)]
                                + [{"input": "x", "output": "one"}]))
-    with pytest.raises(tvlab.TaskError, match=r"1/21 answers are one token.*1 usable pairs remain but a set needs 8"):
+    with pytest.raises(tvlab.TaskError, match=r"1/21 pairs kept \(their answer is one token\); 20 dropped.*1 usable pairs remain but a set needs 8"):
         tvlab.run_task(tiny, str(path), tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2))
 
 

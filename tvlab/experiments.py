@@ -1,9 +1,13 @@
 """The paper's experiments, returning tidy pandas DataFrames.
 
->>> lm = tvlab.load_model()
+>>> lm = tvlab.load_model("tiny-llama")   # tvlab.load_model() loads the real Gemma 3 270M
 >>> run = tvlab.run_task(lm, "antonyms", tvlab.ExperimentConfig(n_test=20, n_dev=20))
->>> run.summary          # one row: baseline, icl, task_vector, best_layer
->>> run.by_layer         # dev accuracy of the task vector at every layer
+>>> run.summary.columns.tolist()         # one row: baseline, icl, task_vector, best_layer
+['task', 'category', 'baseline', 'icl', 'task_vector', 'best_layer', 'tv_over_icl']
+>>> run.by_layer.columns.tolist()        # dev accuracy of the task vector at every layer
+['task', 'category', 'layer', 'accuracy']
+>>> len(run.by_layer) == lm.n_layers
+True
 
 The protocol (Hendel et al. 2023, section 3 and the official code):
 
@@ -19,6 +23,7 @@ The protocol (Hendel et al. 2023, section 3 and the official code):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -26,7 +31,7 @@ import pandas as pd
 import torch
 
 from .engine import ForwardStats, predict_last, predict_last_plain
-from .models import LanguageModel
+from .models import LanguageModel, decode_token
 from .prompts import FilterReport, PromptFormat, PromptSet, get_format, sample_sets, single_token_filter, tokenize
 from .tasks import Pair, Task, get_task
 
@@ -50,8 +55,10 @@ class ExperimentConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
-        if not isinstance(self.n_demos, int) or self.n_demos < 0:
-            raise ValueError(f"n_demos must be a whole number >= 0, got {self.n_demos!r}.")
+        for name in ("n_demos", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}.")
         from .prompts import FORMATS
 
         if self.format not in FORMATS:
@@ -71,10 +78,6 @@ def prepare_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig) 
     task = task if isinstance(task, Task) else get_task(task)
     need = config.n_demos + 1 + config.n_dummies
     return single_token_filter(task, lm.tokenizer, prompt_format(lm, config), min_pairs=need)
-
-
-def decode_token(lm: LanguageModel, token_id: int) -> str:
-    return lm.tokenizer.decode([int(token_id)])
 
 
 def _check_context(lm: LanguageModel, prompts: Sequence[Sequence[int]]) -> None:
@@ -256,22 +259,68 @@ def layer_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
             .rename("accuracy").reset_index())
 
 
-def summarize(predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per task: baseline, ICL and task-vector accuracy on test, best layer, TV/ICL."""
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``correct / n`` (95 % for z = 1.96).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0/n or n/n,
+    which matters for accuracies over 20-50 sets.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_ci(predictions: pd.DataFrame, by: Sequence[str] = ("task", "method")) -> pd.DataFrame:
+    """Accuracy with its 95 % Wilson interval, from the per-prediction frame: columns ``by``, accuracy, lo, hi, n."""
+    rows = []
+    for key, group in predictions.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        k, n = int(group["correct"].sum()), len(group)
+        lo, hi = wilson_interval(k, n)
+        rows.append({**dict(zip(by, key)), "accuracy": k / n, "lo": lo, "hi": hi, "n": n})
+    return pd.DataFrame(rows)
+
+
+def summarize(predictions: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
+    """One row per task: baseline, ICL and task-vector accuracy on test, best layer, TV/ICL.
+
+    ``ci=True`` adds ``baseline ±``, ``icl ±`` and ``task_vector ±``: the half-width of each
+    accuracy's 95 % interval (Wilson; the larger side), so a table shows what is within noise.
+    """
     test = predictions[predictions["split"] == "test"]
     acc = test.pivot_table(index=["task", "category"], columns="method", values="correct", aggfunc="mean", sort=False)
     best = test[test["method"] == "task_vector"].groupby(["task", "category"], sort=False)["layer"].first()
     table = acc.reindex(columns=["baseline", "icl", "task_vector"]).assign(best_layer=best.astype(int))
     table["tv_over_icl"] = table["task_vector"] / table["icl"].where(table["icl"] > 0)
     table.columns.name = None
-    return table.reset_index()
+    table = table.reset_index()
+    if ci:
+        bounds = accuracy_ci(test, by=("task", "method")).set_index(["task", "method"])
+        half = (bounds["hi"] - bounds["accuracy"]).combine(bounds["accuracy"] - bounds["lo"], max)
+        for method in ("baseline", "icl", "task_vector"):
+            table.insert(table.columns.get_loc(method) + 1, f"{method} ±",
+                         [half.get((t, method), float("nan")) for t in table["task"]])
+    return table
 
 
 def category_means(summary: pd.DataFrame) -> pd.DataFrame:
-    """Means over tasks by category, and over all tasks (the paper's averages are over tasks)."""
+    """Means over tasks by category, and over all tasks (the paper's averages are over tasks).
+
+    If ``summary`` has the ``±`` columns of ``summarize(..., ci=True)``, so does the result: the
+    tasks' independent sampling errors combined, sqrt(sum of squares) / number of tasks.
+    """
     cols = ["baseline", "icl", "task_vector"]
     by_cat = summary.groupby("category", sort=False)[cols].mean()
     by_cat.loc["all tasks"] = summary[cols].mean()
     by_cat["tv_over_icl"] = by_cat["task_vector"] / by_cat["icl"].where(by_cat["icl"] > 0)
     by_cat["n_tasks"] = summary.groupby("category", sort=False).size().reindex(by_cat.index).fillna(len(summary)).astype(int)
+    for col in [c for c in cols if f"{c} ±" in summary]:
+        def combined(half: pd.Series) -> float:
+            return float((half ** 2).sum() ** 0.5 / len(half))
+        half = summary.groupby("category", sort=False)[f"{col} ±"].apply(combined)
+        half.loc["all tasks"] = combined(summary[f"{col} ±"])
+        by_cat.insert(by_cat.columns.get_loc(col) + 1, f"{col} ±", half.reindex(by_cat.index))
     return by_cat.reset_index()

@@ -1,7 +1,11 @@
 """Figures, drawn from the tidy frames that the experiments return.
 
->>> fig = tvlab.plots.main_bars(summary)          # the paper's main-result bars, for your model
->>> fig = tvlab.plots.layer_curves(by_layer)      # accuracy by layer (the paper's layer figure)
+>>> lm = tvlab.load_model("tiny-llama")           # tvlab.load_model() loads the real Gemma 3 270M
+>>> run = tvlab.run_task(lm, "antonyms", tvlab.ExperimentConfig(n_test=5, n_dev=5, n_baseline=5))
+>>> fig = tvlab.plots.main_bars(run.summary)      # the paper's main-result bars, for your model
+>>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+['Baseline (zero-shot)', 'ICL', 'Task vector']
+>>> fig = tvlab.plots.layer_curves(run.by_layer)  # accuracy by layer (the paper's layer figure)
 
 One palette per category across the whole series (:data:`CATEGORY_COLORS`), and one per
 method (:data:`METHOD_COLORS`). Labels always come from the same frame as the bars.
@@ -27,53 +31,101 @@ def _task_order(tasks) -> list[str]:
     return sorted(tasks, key=lambda t: (known.index(t) if t in known else len(known), t))
 
 
-def main_bars(summary: pd.DataFrame, title: str | None = None) -> matplotlib.figure.Figure:
-    """Grouped bars per task: baseline, ICL and task-vector accuracy, tasks grouped by category."""
-    df = summary.set_index("task").loc[_task_order(summary["task"])].reset_index()
+def _is_predictions(frame: pd.DataFrame) -> bool:
+    return "correct" in frame.columns
+
+
+def main_bars(frame: pd.DataFrame, title: str | None = None) -> matplotlib.figure.Figure:
+    """Grouped bars per task: baseline, ICL and task-vector accuracy, tasks grouped by category.
+
+    Pass the per-prediction frame (``run.predictions``) to get 95 % confidence intervals as error
+    bars (seaborn, bootstrap over the test sets), or a ``summarize`` table for the bars alone.
+    """
+    import seaborn as sns
+
     methods = ["baseline", "icl", "task_vector"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.62 * len(df) + 1.5), 4.2))
-    width = 0.27
-    for k, method in enumerate(methods):
-        ax.bar([i + (k - 1) * width for i in range(len(df))], df[method], width,
-               color=METHOD_COLORS[method], label=METHOD_LABELS[method])
-    ax.set_xticks(range(len(df)))
-    ax.set_xticklabels(df["task"], rotation=50, ha="right", fontsize=8)
-    for tick, category in zip(ax.get_xticklabels(), df["category"]):
-        tick.set_color(CATEGORY_COLORS.get(category, "black"))
+    if _is_predictions(frame):
+        test = frame[frame["split"] == "test"]
+        order = _task_order(test["task"].unique())
+        categories = test.drop_duplicates("task").set_index("task").loc[order, "category"]
+    else:
+        df = frame.set_index("task").loc[_task_order(frame["task"])].reset_index()
+        order, categories = list(df["task"]), df.set_index("task")["category"]
+        test = df.melt(id_vars=["task"], value_vars=methods, var_name="method", value_name="correct")
+    fig, ax = plt.subplots(figsize=(max(6, 0.62 * len(order) + 1.5), 4.2))
+    sns.barplot(data=test, x="task", y="correct", hue="method", order=order, hue_order=methods,
+                palette=METHOD_COLORS, errorbar=("ci", 95) if _is_predictions(frame) else None,
+                seed=0, err_kws={"linewidth": 1}, capsize=0.15, ax=ax)
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels(order, rotation=50, ha="right", fontsize=8)
+    for tick, task in zip(ax.get_xticklabels(), order):
+        tick.set_color(CATEGORY_COLORS.get(categories[task], "black"))
     ax.set_ylim(0, 1.05)
+    ax.set_xlabel("")
     ax.set_ylabel("accuracy (first token)")
     ax.set_title(title or "ICL, task vector and baseline accuracy per task")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    handles, labels = ax.get_legend_handles_labels()
+    extra = ["lines: 95 % confidence interval"] if _is_predictions(frame) else []
+    ax.legend(handles, [METHOD_LABELS[m] for m in labels], title=extra[0] if extra else None, title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
 
 
-def layer_curves(by_layer: pd.DataFrame, tasks: list[str] | None = None, title: str | None = None,
+def layer_curves(frame: pd.DataFrame, tasks: list[str] | None = None, title: str | None = None,
                  ax: plt.Axes | None = None) -> matplotlib.figure.Figure:
-    """Dev accuracy of the task vector by layer: one thin line per task, bold line per category mean."""
-    df = by_layer if tasks is None else by_layer[by_layer["task"].isin(tasks)]
+    """Dev accuracy of the task vector by layer.
+
+    ``frame``: the ``by_layer`` table (one accuracy per task and layer), or the per-prediction
+    frame (``run.predictions``), which adds a 95 % confidence band (seaborn). Up to 6 tasks: one
+    labelled line each. More: one panel per category, each task a thin labelled line and the
+    category's mean in bold (``ax`` is then ignored).
+    """
+    import seaborn as sns
+
+    if _is_predictions(frame):
+        frame = frame[(frame["split"] == "dev") & (frame["method"] == "task_vector")]
+        frame = frame.rename(columns={"correct": "accuracy"}).astype({"accuracy": float, "layer": int})
+    df = frame if tasks is None else frame[frame["task"].isin(tasks)]
     if df.empty:
         raise ValueError("no layer accuracies to plot: pass the by_layer frame of a run (and task names it holds).")
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4.2))
-    few = df["task"].nunique() <= 6
-    for task, rows in df.groupby("task", sort=False):
-        color = CATEGORY_COLORS.get(rows["category"].iloc[0], "black")
-        ax.plot(rows["layer"], rows["accuracy"], color=color, lw=1.8 if few else 0.8, alpha=1.0 if few else 0.35,
-                marker="o" if few else None, ms=3, label=task if few else None)
-    if not few:
-        for category in [c for c in CATEGORIES + ("custom",) if c in set(df["category"])]:
-            mean = df[df["category"] == category].groupby("layer")["accuracy"].mean()
-            ax.plot(mean.index, mean.values, color=CATEGORY_COLORS[category], lw=2.5, label=f"{category} (mean)")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer L (patched output of block L)")
-    ax.set_ylabel("task-vector accuracy (dev)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title or "Where is the task? Task-vector accuracy by layer")
-    ax.legend(fontsize=8, frameon=False, loc="upper left")
-    ax.grid(alpha=0.3)
-    ax.spines[["top", "right"]].set_visible(False)
+    band = ("ci", 95) if df.duplicated(["task", "layer"]).any() else None  # several sets per layer: a band
+
+    def style(ax, label_y=True):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("layer L (patched output of block L)")
+        ax.set_ylabel("task-vector accuracy (dev)" if label_y else "")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+
+    if df["task"].nunique() <= 6:
+        fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4.2))
+        for task, rows in df.groupby("task", sort=False):
+            color = CATEGORY_COLORS.get(rows["category"].iloc[0], "black")
+            sns.lineplot(data=rows, x="layer", y="accuracy", errorbar=band, seed=0, color=color, marker="o",
+                         markersize=4, lw=1.8, label=task, ax=ax)
+        style(ax)
+        ax.set_title(title or "Where is the task? Task-vector accuracy by layer")
+        ax.legend(fontsize=8, frameon=False, loc="upper left", title="band: 95 % CI" if band else None, title_fontsize=7)
+        fig.tight_layout()
+        return fig
+    categories = [c for c in CATEGORIES + ("custom",) if c in set(df["category"])]
+    fig, axes = plt.subplots(1, len(categories), figsize=(3.6 * len(categories), 3.8), sharey=True, squeeze=False)
+    for k, (category, ax) in enumerate(zip(categories, axes[0])):
+        rows = df[df["category"] == category]
+        color = CATEGORY_COLORS[category]
+        per_task = rows.groupby(["task", "layer"], sort=False)["accuracy"].mean().reset_index()
+        for (task, r), style_ in zip(per_task.groupby("task", sort=False), ["-", "--", ":", "-."] * 3):
+            ax.plot(r["layer"], r["accuracy"], color=color, lw=0.9, alpha=0.55, ls=style_, label=task)
+        sns.lineplot(data=rows, x="layer", y="accuracy", errorbar=band, seed=0, color=color, lw=2.5,
+                     label="mean" + (" (95 % CI)" if band else ""), ax=ax)
+        style(ax, label_y=k == 0)
+        ax.set_title(category, color=color)
+        ax.legend(fontsize=7, frameon=False, loc="upper left")
+    fig.suptitle(title or "Where is the task? Task-vector accuracy by layer")
     fig.tight_layout()
     return fig
 

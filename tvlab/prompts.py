@@ -1,8 +1,11 @@
 """Prompts: how demonstrations and a query become text and tokens, and which token does what.
 
 >>> fmt = tvlab.FORMATS["paper"]
->>> fmt.render([Pair("hot", "cold")], "big")
+>>> fmt.render([tvlab.Pair("hot", "cold")], "big")
 'example:hot->cold\\nexample:big->'
+>>> sets = tvlab.sample_sets(tvlab.get_task("antonyms"), n_sets=3, n_demos=5, seed=41, n_dummies=2)
+>>> len(sets), len(sets[0].demos), len(sets[0].dummies)     # each set: S, a query x, dummies x'
+(3, 5, 2)
 
 A *set* (the paper's unit of evaluation) is a demonstration list S, a query x and
 dummy queries x' (other inputs of the task, used to read θ(S) without leaking x).
@@ -148,10 +151,20 @@ class FilterReport:
     total: int
     kept: int
     dropped_examples: tuple[str, ...]
+    scoring: str = "exact"
+    multi_token_kept: int = 0     # prefix scoring: kept pairs whose answer takes several tokens
 
     def __str__(self) -> str:
-        ex = f" (e.g. {', '.join(self.dropped_examples)})" if self.dropped_examples else ""
-        return f"{self.task}: {self.kept}/{self.total} answers are one token{ex}"
+        if self.scoring == "prefix":
+            text = (f"{self.task}: {self.kept}/{self.total} pairs kept; scored by prefix (the paper's rule for "
+                    f"knowledge tasks), so {self.multi_token_kept} answers of several tokens stay and count as "
+                    "right when the first token starts them")
+        else:
+            text = f"{self.task}: {self.kept}/{self.total} pairs kept (their answer is one token)"
+        dropped = self.total - self.kept
+        if dropped:
+            text += f"; {dropped} dropped, e.g. {', '.join(self.dropped_examples)}"
+        return text
 
 
 def answer_token_counts(tokenizer, fmt: PromptFormat, pairs: Sequence[Pair]) -> list[int]:
@@ -182,7 +195,8 @@ def single_token_filter(task: Task, tokenizer, fmt: PromptFormat, min_pairs: int
         keep = [c == 1 for c in counts]
     kept = [p for p, k in zip(task.pairs, keep) if k]
     dropped = list(dict.fromkeys(repr(p.output) for p, k in zip(task.pairs, keep) if not k))[:3]
-    report = FilterReport(task.name, len(task.pairs), len(kept), tuple(dropped))
+    report = FilterReport(task.name, len(task.pairs), len(kept), tuple(dropped), task.scoring,
+                          sum(c > 1 for c, k in zip(counts, keep) if k))
     if len(kept) < min_pairs:
         raise TaskError(f"{report}; {len(kept)} usable pairs remain but a set needs {min_pairs}. "
                         "Answers must be a single token for this model's tokenizer: use shorter, more common "
