@@ -170,3 +170,37 @@ def test_add_patch_check(tiny, capsys):
     assert not exercises.check_add_patch(lambda lm, text, v, layer, scale: v[10**6], tiny)  # reported, not raised
     out = capsys.readouterr().out
     assert out.count("PASS") == 1 and out.count("FAIL") == 2 and "IndexError" in out
+
+
+def test_split_keeps_what_the_task_says_about_itself():
+    """A task that maps an input to two outputs (and its notes) survives the test/pool split."""
+    pairs = tvlab.get_task("antonyms").pairs
+    twice = tvlab.Pair(pairs[0].input, pairs[2].output)
+    own = tvlab.Task("my_opposites", "custom", pairs + (twice,), allow_multiple_outputs=True,
+                     description="mine", source="by hand", notes=("written by hand",))
+    for seed in range(5):  # some seeds leave both answers of the input in the pool
+        test, pool = beyond._split(own, 3, seed)
+        assert pool.allow_multiple_outputs and (pool.description, pool.source) == ("mine", "by hand")
+        assert pool.notes[0] == "written by hand" and len(pool) == len(own) - 3
+
+
+def test_portability_keeps_answers_that_are_one_token_in_every_target_format(tiny, monkeypatch):
+    """A format with a space before the answer can split it: such pairs must not be scored by first token."""
+    from tvlab import prompts
+
+    real = prompts.answer_token_counts
+    def splits(answer):  # pretend answers from a to l take two tokens in the 'arrow' format only
+        return answer[0] < "m"
+
+    def counts(tokenizer, fmt, pairs):
+        got = real(tokenizer, fmt, pairs)
+        return [2 if fmt.name == "arrow" and splits(p.output) else c for p, c in zip(pairs, got)]
+
+    monkeypatch.setattr(prompts, "answer_token_counts", counts)
+    seen = []
+    real_accuracy = beyond._accuracy
+    monkeypatch.setattr(beyond, "_accuracy", lambda lm, task, pairs, ids: seen.extend(pairs) or real_accuracy(lm, task, pairs, ids))
+    beyond.portability(tiny, "antonyms", 1, targets=("paper", "arrow"), n_test=60)
+    assert seen and not any(splits(p.output) for p in seen)
+    with pytest.raises(tvlab.TaskError, match="one-token answers in every format"):
+        beyond.portability(tiny, "antonyms", 1, targets=("paper",), n_test=10_000)

@@ -160,3 +160,31 @@ def test_task_scatter_draws_one_series_per_task(bank):
     assert len(fig.axes[0].collections) == len(bank.tasks)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == bank.tasks
     plt.close(fig)
+
+
+def test_conflict_vectors_never_saw_the_query_they_are_tested_on(tiny, monkeypatch):
+    """θ_B for an A prompt comes from B demonstrations that never include that prompt's query (as in the paper)."""
+    calls, captured = [], {}
+    real_sample, real_icl = conflicts.sample_sets, conflicts.icl_and_task_vectors
+
+    def spy_sample(*args, **kwargs):
+        out = real_sample(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    def spy_icl(lm, sets, *args, **kwargs):
+        captured["b_sets"] = list(sets)
+        return real_icl(lm, sets, *args, **kwargs)
+
+    monkeypatch.setattr(conflicts, "sample_sets", spy_sample)
+    monkeypatch.setattr(conflicts, "icl_and_task_vectors", spy_icl)
+    # Two small tasks over the same 12 letters: an unfiltered draw of 4 demonstrations and 2 dummies
+    # from B would hold the A query in about half of the sets.
+    letters = "abcdefghijkl"
+    a = tvlab.Task("shift", "custom", tuple(tvlab.Pair(c, chr(ord(c) + 1)) for c in letters))
+    b = tvlab.Task("upper", "custom", tuple(tvlab.Pair(c, c.upper()) for c in letters))
+    conflicts.conflicting_tasks(tiny, a, b, n_sets=20, layer=1, n_demos=4)
+    a_sets, b_sets = calls[0], captured["b_sets"]
+    assert len(a_sets) == len(b_sets) == 20
+    for a, b in zip(a_sets, b_sets):
+        assert a.query.input not in {p.input for p in (*b.demos, *b.dummies)}

@@ -1,13 +1,21 @@
 """Beyond the paper: the questions it leaves open, each one function that returns a tidy frame.
 
->>> beyond.accuracy_vs_sets(lm, "antonyms", layer=10)     # θ averaged over many S, vs one S
->>> beyond.replace_vs_add(lm, "antonyms", layer=10)       # overwrite (the paper) vs add, with a scale
->>> beyond.generate(lm, "example:France->", theta, 10)    # several tokens, θ patched into the prompt only
->>> beyond.multi_token_answers(lm, "country_capital", 10) # exact match of whole answers
->>> beyond.portability(lm, "country_capital", 10)         # θ from one format used in another, or a sentence
->>> beyond.composition(lm, layer_a=10, layer_b=10)        # next_letter then to_upper: two vectors at once
->>> bank = beyond.build_bank(lm, ["antonyms"]); bank.save("bank.safetensors")
->>> beyond.VectorBank.load("bank.safetensors").apply(lm, "antonyms", "happy")
+>>> from tvlab import beyond
+>>> lm = tvlab.load_model("tiny-llama")   # 4 layers; tvlab.load_model() loads Gemma 3 270M (18: try layer 10)
+>>> beyond.accuracy_vs_sets(lm, "antonyms", layer=2).columns.tolist()    # θ averaged over many S, vs one S
+['task', 'n_demos', 'n_sets', 'repeat', 'accuracy']
+>>> beyond.replace_vs_add(lm, "antonyms", layer=2)["method"].unique().tolist()   # overwrite (the paper) vs add
+['baseline', 'replace θ', 'add θ', 'add Δ']
+>>> beyond.multi_token_answers(lm, "country_capital", 2).columns.tolist()   # exact match of whole answers
+['task', 'method', 'query', 'expected', 'generated', 'exact', 'first_word']
+>>> beyond.portability(lm, "country_capital", 2)["target"].unique().tolist()   # θ from one format used in another
+['paper', 'arrow', 'qa', 'natural']
+>>> beyond.composition(lm, layer_a=1, layer_b=2).columns.tolist()   # next_letter then to_upper: two vectors at once
+['method', 'as_composite', 'as_next_letter', 'as_to_upper', 'n']
+>>> bank = beyond.build_bank(lm, ["antonyms", "country_capital"]); path = bank.save("bank.safetensors")
+>>> theta, layer = bank.vectors["country_capital"], bank.layers["country_capital"]
+>>> text = beyond.generate(lm, "example:France->", theta, layer)   # several tokens, θ patched into the prompt only
+>>> answer = beyond.VectorBank.load("bank.safetensors").apply(lm, "antonyms", "happy")   # the patched answer
 
 Each experiment keeps its test queries out of every demonstration set it averages, so an
 averaged θ never saw the answer it is tested on.
@@ -15,7 +23,6 @@ averaged θ never saw the answer it is tested on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +32,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .engine import _cache_arg, predict_last
-from .experiments import (ExperimentConfig, decode_token, icl_and_task_vectors, layer_sweep, prepare_task,
-                          prompt_format, zero_shot_predictions)
-from .hooks import patch_hidden
-from .models import LanguageModel
+from .engine import generate_greedy, predict_last
+from .experiments import (ExperimentConfig, icl_and_task_vectors, layer_sweep, prepare_task, prompt_format,
+                          zero_shot_predictions)
+from .models import LanguageModel, decode_token
 from .prompts import PromptFormat, get_format, sample_sets, tokenize
 from .tasks import Pair, Task, TaskError, get_task
 
@@ -64,7 +70,7 @@ def _split(task: Task, n_test: int, seed: int) -> tuple[list[Pair], Task]:
         raise TaskError(f"task {task.name!r} has {len(task.pairs)} usable pairs; {n_test} test queries leave none "
                         "for demonstrations. Use a smaller n_test.")
     test = [task.pairs[i] for i in order[:n_test]]
-    pool = Task(task.name, task.category, tuple(task.pairs[i] for i in order[n_test:]), task.scoring)
+    pool = task.with_pairs((task.pairs[i] for i in order[n_test:]), note=f"without its {n_test} test queries")
     return test, pool
 
 
@@ -163,7 +169,6 @@ def replace_vs_add(lm: LanguageModel, task: str | Task, layer: int, scales: Sequ
 
 # --------------------------------------------------------------------------- several tokens
 
-@torch.inference_mode()
 def generate(lm: LanguageModel, text: str, theta: torch.Tensor | None = None, layer: int | None = None,
              max_new_tokens: int = 8, stop: str = "\n", mode: str = "replace") -> str:
     """Greedy continuation of ``text``; θ is patched at ``layer`` over the prompt's last token only.
@@ -176,21 +181,9 @@ def generate(lm: LanguageModel, text: str, theta: torch.Tensor | None = None, la
         if layer is None:
             raise ValueError("give the layer to patch θ at (e.g. the task's best layer).")
         lm.check_layer(layer)
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
-    patch = patch_hidden(lm, layer, -1, theta, mode=mode) if theta is not None else contextlib.nullcontext()
-    with patch:
-        out = lm.model(input_ids=ids, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    generated: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
-        if token == lm.tokenizer.eos_token_id:
-            break
-        generated.append(token)
-        if stop and stop in lm.tokenizer.decode(generated):
-            break
-        out = lm.model(input_ids=torch.tensor([[token]], device=lm.device), use_cache=True, **_cache_arg(lm, cache))
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    patches = [(layer, theta)] if theta is not None else []
+    ids = lm.tokenizer(text).input_ids
+    generated = generate_greedy(lm, ids, patches=patches, mode=mode, max_new_tokens=max_new_tokens, stop=stop)
     text_out = lm.tokenizer.decode(generated)
     return text_out.split(stop)[0] if stop else text_out
 
@@ -217,7 +210,7 @@ def multi_token_answers(lm: LanguageModel, task: str | Task, layer: int, n_test:
         raise TaskError(f"every answer of {task.name!r} is one token for {lm.name}: nothing to generate.")
     rng = np.random.default_rng([seed, 9])
     test = [long[i] for i in rng.permutation(len(long))[:n_test]]
-    pool = Task(task.name, task.category, tuple(p for p in task.pairs if p not in test), task.scoring)
+    pool = task.with_pairs((p for p in task.pairs if p not in test), note="without the test queries")
     sets = sample_sets(pool, len(test) * n_sets, config.n_demos, seed, "multi-token", config.n_dummies)
     _, thetas = icl_and_task_vectors(lm, sets, fmt_, with_icl=False)
     rows = []
@@ -236,6 +229,31 @@ def multi_token_answers(lm: LanguageModel, task: str | Task, layer: int, n_test:
 
 # --------------------------------------------------------------------------- portability
 
+def _target_format(lm: LanguageModel, task: Task, target: str) -> PromptFormat:
+    if target != "natural":
+        return get_format(target).with_prefix(lm.prompt_prefix)
+    if task.name not in NATURAL_TEMPLATES:
+        raise TaskError(f"no natural sentence for {task.name!r}; add one to tvlab.beyond.NATURAL_TEMPLATES.")
+    return PromptFormat("natural", NATURAL_TEMPLATES[task.name] + " {y}", "\n", lm.prompt_prefix)
+
+
+def _single_token_in_all(lm: LanguageModel, task: Task, formats, need: int) -> Task:
+    """The pairs whose answer is one token in every format: a format that puts a space before the
+    answer can split an answer that is one token after an arrow, and first-token scoring would then
+    count a right answer as wrong."""
+    from .prompts import answer_token_counts
+
+    ok = [True] * len(task.pairs)
+    for fmt in formats:
+        counts = answer_token_counts(lm.tokenizer, fmt, task.pairs)
+        ok = [k and (c >= 1 if task.scoring == "prefix" else c == 1) for k, c in zip(ok, counts)]
+    kept = [p for p, k in zip(task.pairs, ok) if k]
+    if len(kept) < need:
+        raise TaskError(f"only {len(kept)} pairs of {task.name!r} have one-token answers in every format "
+                        f"({', '.join(f.name for f in formats)}); {need} are needed. Use fewer test queries or formats.")
+    return task.with_pairs(kept, "one-token answers in every target format")
+
+
 def portability(lm: LanguageModel, task: str | Task, layer: int, source: str = "paper",
                 targets: Sequence[str] = ("paper", "arrow", "qa", "natural"), n_test: int = 30,
                 seed: int = 41) -> pd.DataFrame:
@@ -249,18 +267,14 @@ def portability(lm: LanguageModel, task: str | Task, layer: int, source: str = "
     config = ExperimentConfig(format=source, seed=seed)
     task, _ = prepare_task(lm, task, config)
     lm.check_layer(layer)
+    formats = {target: _target_format(lm, task, target) for target in targets}
+    task = _single_token_in_all(lm, task, formats.values(), need=n_test + config.n_demos + 1 + config.n_dummies)
     test, pool = _split(task, n_test, seed)
     src = prompt_format(lm, config)
     sets = sample_sets(pool, len(test), config.n_demos, seed, "portability", config.n_dummies)
     _, thetas = icl_and_task_vectors(lm, sets, src, with_icl=False)
     rows = []
-    for target in targets:
-        if target == "natural":
-            if task.name not in NATURAL_TEMPLATES:
-                raise TaskError(f"no natural sentence for {task.name!r}; add one to tvlab.beyond.NATURAL_TEMPLATES.")
-            fmt = PromptFormat("natural", NATURAL_TEMPLATES[task.name] + " {y}", "\n", lm.prompt_prefix)
-        else:
-            fmt = get_format(target).with_prefix(lm.prompt_prefix)
+    for target, fmt in formats.items():
         methods = {"baseline": zero_shot_predictions(lm, test, fmt),
                    "task_vector": _patched(lm, test, fmt, thetas[:, layer], layer)}
         if target != "natural":
@@ -306,7 +320,7 @@ def composition(lm: LanguageModel, layer_a: int, layer_b: int, task_a: str = "ne
     vectors = {}
     for name in (task_a, task_b):
         t, _ = prepare_task(lm, name, config)
-        pool = Task(t.name, t.category, tuple(p for p in t.pairs if p.input not in test_letters), t.scoring)
+        pool = t.with_pairs((p for p in t.pairs if p.input not in test_letters), note="without the test letters")
         _, thetas = icl_and_task_vectors(lm, sample_sets(pool, n_sets, config.n_demos, seed, "composition",
                                                          config.n_dummies), fmt_, with_icl=False)
         vectors[name] = thetas
@@ -339,18 +353,11 @@ def composition(lm: LanguageModel, layer_a: int, layer_b: int, task_a: str = "ne
     return pd.DataFrame(rows)
 
 
-@torch.inference_mode()
 def _two_layers(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat,
                 patches: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """Zero-shot predictions with several (layer, vector) patches at the last token, one prompt at a time."""
-    tops = []
-    with contextlib.ExitStack() as stack:
-        for layer, vector in patches:
-            stack.enter_context(patch_hidden(lm, layer, -1, vector))
-        for q in queries:
-            ids = torch.tensor([tokenize(lm.tokenizer, fmt, (), q.input).ids], device=lm.device)
-            tops.append(int(lm.model(input_ids=ids).logits[0, -1].argmax()))
-    return torch.tensor(tops)
+    """Zero-shot predictions with several (layer, vector) patches at the last token of every query."""
+    prompts = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
+    return predict_last(lm, prompts, patches=[list(patches)] * len(prompts)).top_ids
 
 
 # --------------------------------------------------------------------------- a bank of vectors

@@ -1,7 +1,11 @@
 """Conflicting tasks: prompt with task A's demonstrations, patch in θ of task B. Who wins?
 
->>> tvlab.conflicts.conflicting_tasks(lm, "next_letter", "to_upper")
->>> tvlab.conflicts.paper_pairs(lm)       # the paper's five pairs, next to its LLaMA-13B numbers
+>>> lm = tvlab.load_model("tiny-llama")   # tvlab.load_model() loads the real Gemma 3 270M
+>>> frame = tvlab.conflicts.conflicting_tasks(lm, "next_letter", "to_upper", n_sets=10)
+>>> frame.columns.tolist(), frame["method"].tolist()   # as_a, as_b: accuracy scored as A's, as B's answer
+(['task_a', 'task_b', 'method', 'layer', 'as_a', 'as_b', 'n'], ['icl', 'task_vector'])
+>>> tvlab.conflicts.paper_pairs(lm, n_sets=4, n_dev=4).shape   # the paper's five pairs, next to its LLaMA-13B numbers
+(5, 9)
 
 If θ(S) really carries the task, patching θ_B over the last token of an A prompt at B's
 layer should make the model do B, even though every demonstration in the prompt shows A.
@@ -14,8 +18,8 @@ from __future__ import annotations
 import pandas as pd
 
 from .engine import predict_last
-from .experiments import ExperimentConfig, decode_token, icl_and_task_vectors, layer_sweep, prepare_task, prompt_format
-from .models import LanguageModel
+from .experiments import ExperimentConfig, icl_and_task_vectors, layer_sweep, prepare_task, prompt_format
+from .models import LanguageModel, decode_token
 from .prompts import sample_sets, tokenize
 from .tasks import Task, TaskError
 
@@ -40,7 +44,7 @@ def conflicting_tasks(lm: LanguageModel, task_a: str, task_b: str, n_sets: int =
     a, _ = prepare_task(lm, task_a, config)
     b, _ = prepare_task(lm, task_b, config)
     b_by_input = {p.input: p for p in b.pairs}
-    shared = Task(a.name, a.category, tuple(p for p in a.pairs if p.input in b_by_input), a.scoring)
+    shared = a.with_pairs((p for p in a.pairs if p.input in b_by_input), note=f"only the inputs {b.name} also has")
     need = n_demos + 1
     if len(shared) < need:
         raise TaskError(f"{task_a} and {task_b} share only {len(shared)} inputs; a conflicting-task set needs {need}. "
@@ -51,7 +55,8 @@ def conflicting_tasks(lm: LanguageModel, task_a: str, task_b: str, n_sets: int =
     lm.check_layer(layer)
     fmt_ = prompt_format(lm, config)
     a_sets = sample_sets(shared, n_sets, n_demos, seed, f"conflict-{b.name}")
-    b_sets = sample_sets(b, n_sets, n_demos, seed, f"conflict-{a.name}", config.n_dummies)
+    b_sets = [_set_without(b, s.query.input, n_demos, seed, f"conflict-{a.name}-{k}", config.n_dummies)
+              for k, s in enumerate(a_sets)]
     _, thetas = icl_and_task_vectors(lm, b_sets, fmt_, with_icl=False)
     prompts = [tokenize(lm.tokenizer, fmt_, s.demos, s.query.input).ids for s in a_sets]
     icl = predict_last(lm, prompts).top_ids
@@ -66,6 +71,15 @@ def conflicting_tasks(lm: LanguageModel, task_a: str, task_b: str, n_sets: int =
     frame = pd.DataFrame(rows)
     frame["layer"] = frame["layer"].astype("Int64")
     return frame
+
+
+def _set_without(task: Task, query: str, n_demos: int, seed: int, split: str, n_dummies: int):
+    """One set of ``task`` none of whose demonstrations or dummies has the input ``query``.
+
+    θ_B must not have seen the A prompt's query: B's demonstration of it would carry B's answer.
+    """
+    pool = task.with_pairs([p for p in task.pairs if p.input != query], f"without the query {query!r}")
+    return sample_sets(pool, 1, n_demos, seed, split, n_dummies)[0]
 
 
 def paper_pairs(lm: LanguageModel, n_sets: int = 50, **kwargs) -> pd.DataFrame:

@@ -1,8 +1,13 @@
 """Small experiments for exploring by hand: the functions behind the notebooks' widgets.
 
->>> tvlab.explore.next_token_probs(lm, "example:hot->cold\\nexample:big->", k=5)
->>> tvlab.explore.three_predictions(lm, "antonyms", "big", layer=10)
->>> tvlab.explore.icl_vs_demos(lm, ["antonyms", "to_upper"], [0, 1, 2, 5], n_sets=20)
+>>> lm = tvlab.load_model("tiny-llama")       # tvlab.load_model() loads the real Gemma 3 270M
+>>> tvlab.explore.next_token_probs(lm, "example:hot->cold\\nexample:big->", k=5).columns.tolist()
+['rank', 'token', 'probability']
+>>> r = tvlab.explore.three_predictions(lm, "antonyms", "big", layer=2)
+>>> r.expected, r.zero_shot_prompt, r.table()["method"].tolist()
+('small', 'example:big->', ['ICL (demonstrations + query)', 'task vector (θ patched at layer 2)', 'baseline (query alone)'])
+>>> tvlab.explore.icl_vs_demos(lm, ["antonyms", "to_upper"], [0, 1, 2, 5], n_sets=20).shape  # a row per task and count
+(8, 4)
 
 Each returns plain data (a DataFrame or a small record), so a widget only has to draw it
 and a test can check it without a browser.
@@ -10,39 +15,40 @@ and a test can check it without a browser.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import pandas as pd
 import torch
 
-from .engine import predict_last
-from .experiments import (ExperimentConfig, decode_token, icl_and_task_vectors, prepare_task, prompt_format,
-                          zero_shot_predictions)
-from .models import LanguageModel
+from .engine import next_token_logits, predict_last
+from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format, zero_shot_predictions
+from .models import LanguageModel, decode_token
 from .prompts import FORMATS, Pair, PromptSet, get_format, sample_sets, single_token_filter, tokenize
 from .tasks import Task, get_task
 
 
-@torch.inference_mode()
-def next_token_probs(lm: LanguageModel, text: str, k: int = 10) -> pd.DataFrame:
-    """The ``k`` most likely next tokens after ``text``: columns rank, token, probability."""
+def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2) -> pd.DataFrame:
+    """The ``k`` most likely next tokens after ``text``: columns rank, token, probability.
+
+    Probabilities are rounded to ``digits`` places (default 2): the last digits of a float32
+    softmax differ between CPUs, BLAS libraries and thread counts, and a notebook's stored
+    output must not.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
-    logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
-    probs = logits.softmax(-1)
+    probs = next_token_logits(lm, [lm.tokenizer(text).input_ids])[0].softmax(-1)
     top = probs.topk(k)
     return pd.DataFrame({"rank": range(1, k + 1),
                          "token": [repr(decode_token(lm, i))[1:-1] for i in top.indices.tolist()],
-                         "probability": top.values.cpu().numpy().round(4)})
+                         "probability": top.values.numpy().round(digits)})
 
 
 def icl_prompt(lm: LanguageModel, task: str | Task, n_demos: int, query: str, seed: int = 0,
                fmt: str = "paper") -> str:
     """A few-shot prompt for ``query`` with ``n_demos`` demonstrations of ``task`` (never the query itself)."""
     task = task if isinstance(task, Task) else get_task(task)
-    pool = Task(task.name, task.category, tuple(p for p in task.pairs if p.input != query), task.scoring)
+    pool = task.with_pairs((p for p in task.pairs if p.input != query), note="without the query")
     if n_demos < 0:
         raise ValueError(f"n_demos must be >= 0, got {n_demos}.")
     # Nested demonstrations: the prompt with n demonstrations starts like the one with n + 1.
@@ -99,26 +105,29 @@ class ThreePredictions:
     icl: str
     task_vector: str
     baseline: str
+    #: The Task scored against (a user's own Task has a name :func:`get_task` does not know).
+    task_def: Task | None = field(default=None, repr=False, compare=False)
 
     def table(self) -> pd.DataFrame:
         rows = [("ICL (demonstrations + query)", self.icl), (f"task vector (θ patched at layer {self.layer})", self.task_vector),
                 ("baseline (query alone)", self.baseline)]
-        return pd.DataFrame([{"method": m, "prediction": p, "correct": get_task(self.task).score(p, _pair(self))}
+        task = self.task_def if self.task_def is not None else get_task(self.task)
+        return pd.DataFrame([{"method": m, "prediction": p, "correct": task.score(p, _pair(self, task))}
                              for m, p in rows])
 
 
-def _pair(r: ThreePredictions) -> Pair:
-    return next((p for p in get_task(r.task).pairs if p.input == r.query), Pair(r.query, r.expected))
+def _pair(r: ThreePredictions, task: Task) -> Pair:
+    return next((p for p in task.pairs if p.input == r.query), Pair(r.query, r.expected))
 
 
 def three_predictions(lm: LanguageModel, task: str | Task, query: str, layer: int, n_demos: int = 5,
                       seed: int = 0, fmt: str = "paper") -> ThreePredictions:
     """Run one query three ways: ICL, task vector patched at ``layer``, zero-shot baseline."""
     lm.check_layer(layer)
-    task = task if isinstance(task, Task) else get_task(task)
+    task = original = task if isinstance(task, Task) else get_task(task)
     config = ExperimentConfig(n_demos=n_demos, format=fmt, seed=seed)
     task, _ = prepare_task(lm, task, config)
-    pool = Task(task.name, task.category, tuple(p for p in task.pairs if p.input != query), task.scoring)
+    pool = task.with_pairs((p for p in task.pairs if p.input != query), note="without the query")
     s = sample_sets(pool, 1, n_demos, seed, "explore", n_dummies=2)[0]
     query_pair = next((p for p in task.pairs if p.input == query), Pair(query, "?"))
     s = PromptSet(s.demos, query_pair, s.dummies)
@@ -129,4 +138,59 @@ def three_predictions(lm: LanguageModel, task: str | Task, query: str, layer: in
     return ThreePredictions(
         task.name, query, query_pair.output, layer, fmt_.render(s.demos, query),
         tuple(fmt_.render(s.demos, d.input) for d in s.dummies), fmt_.render((), query),
-        decode_token(lm, icl[0]).strip(), decode_token(lm, int(tv[0, 0])).strip(), decode_token(lm, int(base[0])).strip())
+        decode_token(lm, icl[0]).strip(), decode_token(lm, int(tv[0, 0])).strip(), decode_token(lm, int(base[0])).strip(),
+        task_def=original)
+
+
+def query_swap(lm: LanguageModel, task: str | Task, theta_layer: int, n_queries: int = 30, seed: int = 41,
+               fmt: str = "paper") -> pd.DataFrame:
+    """Where do the layers after L read the query? Swap the query token's state at each layer.
+
+    Each zero-shot prompt ``example:x->`` gets θ(S) at ``theta_layer`` over its last token, as in
+    the paper. In addition, at one layer l, the hidden state of the *query token* x is overwritten
+    with the state that another query x' has at the same position and layer. If the answer then
+    follows x', the blocks after l still read the query from its own position; once the answer
+    stays with x, the last token has already taken what it needs from the query.
+
+    Pairs (x, x') whose prompts differ in one token only are used (single-token queries of equal
+    prompt length). Returns one row per layer l: follows_x, follows_x_swapped (shares of the
+    predictions scored as x's and as x''s answer), n.
+    """
+    lm.check_layer(theta_layer)
+    config = ExperimentConfig(format=fmt, seed=seed)
+    task, _ = prepare_task(lm, task, config)
+    fmt_ = prompt_format(lm, config)
+    sets = sample_sets(task, 4 * n_queries, config.n_demos, seed, "query-swap", config.n_dummies)
+    ids = [tokenize(lm.tokenizer, fmt_, (), s.query.input).ids for s in sets]
+    pairs = []  # (index of x, index of x', position of the one differing token, counted from the end)
+    for i in range(len(sets)):
+        for j in (i + 1, i + 2, i + 3):
+            j %= len(sets)
+            diff = [k for k in range(len(ids[i])) if len(ids[i]) == len(ids[j]) and ids[i][k] != ids[j][k]]
+            if len(diff) == 1 and diff[0] < len(ids[i]) - 1 and sets[i].query.output != sets[j].query.output:
+                pairs.append((i, j, diff[0] - len(ids[i])))
+                break
+        if len(pairs) == n_queries:
+            break
+    if not pairs:
+        raise ValueError(f"no two queries of {task.name!r} differ in one token only; query_swap needs single-token inputs.")
+    _, thetas = icl_and_task_vectors(lm, [sets[i] for i, _, _ in pairs], fmt_, with_icl=False)
+    swapped_states = {}
+    for position in sorted({p for _, _, p in pairs}):
+        rows = [k for k, (_, _, p) in enumerate(pairs) if p == position]
+        out = predict_last(lm, [ids[pairs[k][1]] for k in rows], read=True, read_position=position)
+        swapped_states.update({k: out.hidden[n] for n, k in enumerate(rows)})  # [n_layers, d_model]
+    prompts, patches = [], []
+    for layer in range(lm.n_layers):
+        for k, (i, _, position) in enumerate(pairs):
+            prompts.append(ids[i])
+            patches.append([(theta_layer, thetas[k, theta_layer]), (layer, swapped_states[k][layer], position)])
+    top = predict_last(lm, prompts, patches=patches).top_ids.view(lm.n_layers, len(pairs))
+    rows = []
+    for layer in range(lm.n_layers):
+        guesses = [decode_token(lm, int(t)) for t in top[layer]]
+        rows.append({"task": task.name, "layer": layer,
+                     "follows_x": sum(task.score(g, sets[i].query) for g, (i, _, _) in zip(guesses, pairs)) / len(pairs),
+                     "follows_x_swapped": sum(task.score(g, sets[j].query) for g, (_, j, _) in zip(guesses, pairs)) / len(pairs),
+                     "n": len(pairs)})
+    return pd.DataFrame(rows)

@@ -1,7 +1,12 @@
 """Read a task vector as words: pass θ through the final norm and the unembedding.
 
->>> tvlab.inspect_vectors.top_tokens(lm, theta, k=10)            # rank, token, logit
->>> tvlab.inspect_vectors.top_tokens_by_task(lm, bank, layer=10)   # one row per task
+>>> lm = tvlab.load_model("tiny-llama")      # tvlab.load_model() loads the real Gemma 3 270M
+>>> bank = tvlab.geometry.collect_task_vectors(lm, ["antonyms", "country_capital"], n_per_task=5)
+>>> theta = bank.mean("antonyms", layer=2)     # a task's mean θ at layer 2: [d_model]
+>>> tvlab.inspect_vectors.top_tokens(lm, theta, k=10).columns.tolist()
+['rank', 'token', 'logit']
+>>> tvlab.inspect_vectors.top_tokens_by_task(lm, bank, layer=2)["task"].tolist()   # one row per task
+['antonyms', 'country_capital']
 
 The paper found, e.g., words ending in -ing for present_simple_gerund and capital names
 for country_capital. This "logit lens" view shows what a vector would say if the model
@@ -19,8 +24,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from .experiments import decode_token
-from .models import LanguageModel
+from .models import LanguageModel, decode_token
 
 
 @torch.inference_mode()

@@ -1,22 +1,48 @@
 """Interactive explorers for the notebooks (ipywidgets).
 
->>> tvlab.widgets.icl_explorer(lm)            # pick a task, demonstrations, your own query
->>> tvlab.widgets.patching_explorer(lm)       # ICL vs task vector vs baseline at a layer
->>> tvlab.widgets.layer_explorer(by_layer)    # accuracy-by-layer curves for chosen tasks
->>> tvlab.widgets.next_token_explorer(lm)     # type any prompt, see the top next tokens
->>> tvlab.widgets.geometry_explorer(bank)     # a bank of task vectors, layer by layer
->>> tvlab.widgets.conflict_explorer(lm)       # A's demonstrations, B's vector: who wins?
->>> tvlab.widgets.top_tokens_explorer(lm, bank)  # the logit lens of a task's mean vector
->>> tvlab.widgets.model_explorer({"a": lm_a, "b": lm_b})  # one task on several models
+>>> lm = tvlab.load_model("tiny-llama")        # tvlab.load_model() loads the real Gemma 3 270M
+>>> explorer = tvlab.widgets.icl_explorer(lm)  # pick a task, demonstrations, your own query
+>>> explorer.refresh()                         # what showing it in a notebook does first
+>>> explorer.controls["n_demos"].value = 1     # moving a control recomputes
+>>> print(explorer.result["prompt"])
+example:then->now
+example:hot->
+>>> by_layer = tvlab.run_task(lm, "antonyms", tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2)).by_layer
+>>> bank = tvlab.geometry.collect_task_vectors(lm, ["antonyms", "to_upper"], n_per_task=4)
+>>> explorers = [
+...     tvlab.widgets.patching_explorer(lm, layer=2),           # ICL vs task vector vs baseline at a layer
+...     tvlab.widgets.layer_explorer(by_layer),                 # accuracy-by-layer curves for chosen tasks
+...     tvlab.widgets.next_token_explorer(lm),                  # type any prompt, see the top next tokens
+...     tvlab.widgets.geometry_explorer(bank, layer=2),         # a bank of task vectors, layer by layer
+...     tvlab.widgets.conflict_explorer(lm),                    # A's demonstrations, B's vector: who wins?
+...     tvlab.widgets.top_tokens_explorer(lm, bank, layer=2),   # the logit lens of a task's mean vector
+...     tvlab.widgets.model_explorer({"llama": lm, "gpt2": tvlab.load_model("tiny-gpt2")}),  # one task, several models
+... ]
+>>> for e in explorers:
+...     e.refresh()
+>>> [e.error for e in explorers]               # each one ran; an error would be shown in its output area
+[None, None, None, None, None, None, None]
 
 Each explorer is controls + an Output area. Its callback calls plain tvlab functions
 (``tvlab.explore``, ``tvlab.plots``), keeps what they returned in ``.result``, and draws it.
-Tests drive the controls without a browser (setting ``.value`` fires the observers).
-Sliders that trigger forward passes update on release, not while dragging.
+Any error a callback raises is shown in the output area (``.error`` keeps its text) and the
+explorer keeps working. Tests drive the controls without a browser (setting ``.value`` fires
+the observers). Sliders that trigger forward passes update on release, not while dragging.
+
+``explorer.static()`` is the same output at the current settings as ordinary cell output, for
+readers without a running kernel (a saved notebook, a rendered page)::
+
+    explorer = tvlab.widgets.icl_explorer(lm)
+    explorer            # the live widget
+    explorer.static()   # in the next cell: the prompt and the figure, saved with the notebook
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import sys
+import traceback
 from typing import Callable
 
 import ipywidgets as W
@@ -28,6 +54,52 @@ from .models import LanguageModel
 from .tasks import get_task, list_tasks
 
 
+class StaticOutput:
+    """What an explorer draws, as plain notebook outputs: shown as ordinary cell output, no widget.
+
+    ``.outputs`` has the Output widget's format (stream and display_data dicts). Displaying it
+    prints the text and publishes the figures, so they are saved with the notebook.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+
+    def append_stdout(self, text: str) -> None:
+        self.outputs.append({"output_type": "stream", "name": "stdout", "text": text})
+
+    def append_stderr(self, text: str) -> None:
+        self.outputs.append({"output_type": "stream", "name": "stderr", "text": text})
+
+    def append_display_data(self, display_object) -> None:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        data, metadata = InteractiveShell.instance().display_formatter.format(display_object)
+        if "image/png" not in data and hasattr(display_object, "savefig"):  # no inline backend: a PNG all the same
+            buffer = io.BytesIO()
+            display_object.savefig(buffer, format="png", bbox_inches="tight")
+            data = {**data, "image/png": base64.b64encode(buffer.getvalue()).decode("ascii")}
+        self.outputs.append({"output_type": "display_data", "data": data, "metadata": metadata})
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import publish_display_data
+
+        for o in self.outputs:
+            if o["output_type"] == "stream":
+                stream = sys.stdout if o["name"] == "stdout" else sys.stderr
+                stream.write(o["text"])
+                stream.flush()
+            else:
+                publish_display_data(o["data"], o["metadata"])
+
+    def __repr__(self) -> str:
+        return "".join(o["text"] if o["output_type"] == "stream" else o["data"].get("text/plain", "") + "\n"
+                       for o in self.outputs)
+
+
+def _traceback_text(e: BaseException) -> str:
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__))
+
+
 class Explorer:
     """Controls, an output area, and ``compute(**values) -> result`` / ``draw(result, out)``."""
 
@@ -36,7 +108,11 @@ class Explorer:
         self.compute, self.draw = compute, draw
         self.out = W.Output()
         self.result = None
-        self.error: str | None = None
+        self.error: str | None = None          # the message, or the traceback of an unexpected error
+        self.exception: BaseException | None = None
+        self._result_values: dict | None = None  # the control values self.result was computed from
+        self._follows: dict[str, Callable] = {}
+        self._following = False
         header = [W.HTML(f"<b>{title}</b>")] if title else []
         self.widget = W.VBox(header + [W.HBox(list(controls.values())), self.out])
         for control in controls.values():
@@ -45,18 +121,61 @@ class Explorer:
     def values(self) -> dict:
         return {name: control.value for name, control in self.controls.items()}
 
+    def follow(self, name: str, update: Callable[[object], dict]) -> None:
+        """When control ``name`` changes, set the controls ``update(new_value)`` returns, then recompute once."""
+        self._follows[name] = update
+
     def refresh(self) -> None:
         """Recompute and redraw from the controls' current values."""
         self.out.outputs = ()
+        self.result, self.error, self.exception = None, None, None
+        values = self.values()
         try:
-            self.result, self.error = self.compute(**self.values()), None
+            self.result, self._result_values = self.compute(**values), values
         except (ValueError, KeyError) as e:  # bad input from the controls: say so in the output area
-            self.result, self.error = None, str(e)
+            self.error, self.exception = str(e), e
             self.out.append_stderr(f"{e}\n")
             return
-        self.draw(self.result, self.out)
+        except Exception as e:  # anything else: its traceback, where the reader is looking
+            self._fail(e)
+            return
+        try:
+            self.draw(self.result, self.out)
+        except Exception as e:
+            self._fail(e)
+
+    def static(self) -> StaticOutput:
+        """The output at the controls' current values as ordinary cell output (no kernel needed to see it).
+
+        Reuses the result on show when it is current, else computes it; errors are raised.
+        """
+        values = self.values()
+        current = self.result is not None and self._result_values == values
+        result = self.result if current else self.compute(**values)
+        shown = StaticOutput()
+        self.draw(result, shown)
+        return shown
+
+    def _fail(self, e: Exception) -> None:
+        self.error, self.exception = _traceback_text(e), e
+        self.out.append_stderr(self.error)
 
     def _on_change(self, change) -> None:
+        if self._following:
+            return  # set by another control's change: that change recomputes once, with every new value
+        name = next((n for n, c in self.controls.items() if c is change["owner"]), None)
+        if name in self._follows:
+            self._following = True
+            try:
+                for other, value in self._follows[name](change["new"]).items():
+                    self.controls[other].value = value
+            except Exception as e:
+                self.out.outputs = ()
+                self.result = None
+                self._fail(e)
+                return
+            finally:
+                self._following = False
         self.refresh()
 
     def _ipython_display_(self) -> None:
@@ -95,16 +214,13 @@ def icl_explorer(lm: LanguageModel, task: str = "antonyms", n_demos: int = 5, qu
         _show_figure(out, plots.next_token_bars(result["probs"], title="Next-token probabilities"))
 
     explorer = Explorer(controls, compute, draw, "In-context learning, live")
-    _new_task_new_query(controls)
+    _new_task_new_query(explorer)
     return explorer
 
 
-def _new_task_new_query(controls: dict) -> None:
-    """When the task changes, put one of its own inputs in the query box (which redraws)."""
-    def on_task(change):
-        controls["query"].value = get_task(change["new"]).pairs[0].input
-
-    controls["task"].observe(on_task, names="value")
+def _new_task_new_query(explorer: Explorer) -> None:
+    """When the task changes, put one of its own inputs in the query box: one recompute, with that query."""
+    explorer.follow("task", lambda task: {"query": get_task(task).pairs[0].input})
 
 
 def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int = 10, query: str | None = None,
@@ -128,7 +244,7 @@ def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int = 10
         out.append_stdout(result.table().to_string(index=False) + "\n")
 
     explorer = Explorer(controls, compute, draw, "Three ways to answer one query")
-    _new_task_new_query(controls)
+    _new_task_new_query(explorer)
     return explorer
 
 
@@ -180,7 +296,7 @@ def geometry_explorer(bank, layer: int = 10, method: str = "pca") -> Explorer:
                 **geometry.distance_summary(bank, layer), **geometry.separability(bank, layer)}
 
     def draw(r, out):
-        out.append_stdout(f"layer {r['layer']}: within {r['within']:.4f}, between {r['between']:.4f} "
+        out.append_stdout(f"layer {r['layer']}: within {r['within']:.3f}, between {r['between']:.3f} "
                           f"(ratio {r['ratio']:.2f}); nearest-centroid accuracy "
                           f"{r['nearest_centroid_accuracy']:.2f}, silhouette {r['silhouette']:.2f}\n")
         _show_figure(out, plots.task_scatter(r["emb"], f"{method.upper()} of the task vectors at layer {r['layer']}"))
