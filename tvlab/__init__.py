@@ -1,9 +1,10 @@
 """tvlab: learn and explore how in-context learning creates task vectors.
 
 >>> import tvlab
->>> lm = tvlab.load_model()                       # Gemma 3 270M, offline
+>>> lm = tvlab.load_model("tiny-llama")   # a tiny random model; tvlab.load_model() loads Gemma 3 270M, offline
 >>> run = tvlab.run_task(lm, "antonyms", tvlab.ExperimentConfig(n_test=20, n_dev=20))
->>> run.summary
+>>> run.summary.columns.tolist()          # one row per task (run.summary shows the numbers)
+['task', 'category', 'baseline', 'icl', 'task_vector', 'best_layer', 'tv_over_icl']
 
 Built on Hendel, Geva & Globerson (2023), "In-Context Learning Creates Task Vectors".
 """

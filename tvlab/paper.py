@@ -4,8 +4,21 @@ Hendel, Geva, Globerson. "In-Context Learning Creates Task Vectors." Findings of
 2023, arXiv:2310.15916: its main result per task and model (zero-shot baseline,
 task vector, ICL accuracy). ``paper_main_results.csv`` holds that table as published.
 
->>> tvlab.paper.results().head()
->>> tvlab.paper.model_means()        # the paper's main-result averages, per model
+>>> tvlab.paper.results().head(3)
+      model     category         task  baseline   icl  task_vector
+0  GPT-J 6B  algorithmic   list_first      0.30  0.98         0.74
+1  GPT-J 6B  algorithmic    list_last      0.24  1.00         0.64
+2  GPT-J 6B  algorithmic  next_letter      0.16  0.86         1.00
+>>> tvlab.paper.model_means().round(2)        # the paper's main-result averages, per model
+         model  baseline   icl  task_vector  tv_over_icl
+0     GPT-J 6B      0.12  0.81         0.68         0.83
+1    LLaMA 13B      0.15  0.87         0.79         0.91
+2    LLaMA 30B      0.16  0.90         0.78         0.87
+3     LLaMA 7B      0.13  0.86         0.78         0.90
+4   Pythia 12B      0.11  0.82         0.73         0.89
+5  Pythia 2.8B      0.13  0.83         0.72         0.86
+6  Pythia 6.9B      0.11  0.82         0.71         0.87
+7   all models      0.13  0.84         0.74         0.88
 """
 
 from __future__ import annotations
