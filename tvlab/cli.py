@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=_non_negative, default=d.seed, help=f"random seed (default {d.seed}, as in the paper's code)")
     rep.add_argument("--format", choices=sorted(FORMATS), default=d.format,
                      help="prompt format: paper = 'example:x->y' (default), arrow = 'x -> y', qa = 'Q: x / A: y'")
-    rep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="model dtype (default: the environment variable TVLAB_DTYPE if set, else float32)")
+    rep.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                     help="model dtype; auto: bfloat16 where this CPU/GPU computes it fast, else float32 "
+                          "(default: the environment variable TVLAB_DTYPE if set, else float32)")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
     rep.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"prompts per forward pass; lower it if memory runs out (default {d.batch_size})")
     rep.add_argument("--out", type=_out_folder, default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
