@@ -162,8 +162,8 @@ def test_bank_explorer_answers_with_and_without_the_vector(tiny):
     assert e.result is None and "type a query" in e.error
 
 
-def test_add_patch_check(tiny, capsys):
-    from tvlab import exercises, solutions
+def test_add_patch_check(tiny, capsys, solutions):
+    from tvlab import exercises
 
     assert exercises.check_add_patch(solutions.add_patch, tiny)
     assert not exercises.check_add_patch(lambda lm, text, v, layer, scale: "nonsense", tiny)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import tvlab
-from tvlab import exercises, solutions
+from tvlab import exercises
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reference_solutions_pass_the_model_checks_in_every_dtype(dtype, capsys):
+def test_reference_solutions_pass_the_model_checks_in_every_dtype(dtype, capsys, solutions):
     lm = tvlab.tiny_model("gemma3_text")
     lm.model.to(dtype)
     assert exercises.check_top_token(solutions.top_token, lm)

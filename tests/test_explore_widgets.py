@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 import tvlab
-from tvlab import exercises, explore, solutions, widgets
+from tvlab import exercises, explore, widgets
 
 
 def test_next_token_probs_are_sorted_probabilities(tiny):
@@ -105,7 +105,7 @@ def test_icl_explorer_responds_to_its_controls(tiny):
 
 
 def test_helper_modules_load_on_first_use():
-    for name in ("exercises", "solutions", "widgets"):
+    for name in ("exercises", "widgets"):
         assert getattr(tvlab, name).__name__ == f"tvlab.{name}"
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         tvlab.nonsense
@@ -131,7 +131,7 @@ def test_layer_explorer_filters_tasks(tiny):
     assert "select at least one" in e.error
 
 
-def test_exercise_checks_pass_the_reference_solutions(tiny, capsys):
+def test_exercise_checks_pass_the_reference_solutions(tiny, capsys, solutions):
     assert exercises.check_top_token(solutions.top_token, tiny)
     assert exercises.check_build_prompt(solutions.build_prompt)
     assert exercises.check_extract_theta(solutions.extract_theta, tiny)
@@ -140,7 +140,7 @@ def test_exercise_checks_pass_the_reference_solutions(tiny, capsys):
     assert capsys.readouterr().out.count("PASS") == 5
 
 
-def test_exercise_checks_fail_wrong_answers_with_a_hint(tiny, capsys):
+def test_exercise_checks_fail_wrong_answers_with_a_hint(tiny, capsys, solutions):
     assert not exercises.check_build_prompt(lambda demos, q: f"{q} ->")
     assert not exercises.check_extract_theta(lambda lm, d, dummies, layer: solutions.extract_theta(lm, d, dummies, layer + 1), tiny)
     assert not exercises.check_patched_prediction(lambda lm, q, theta, layer: "nonsense", tiny)
@@ -175,7 +175,7 @@ def test_model_explorer_runs_the_chosen_model_and_task(tiny):
     assert e.out.outputs[0]["text"].startswith("gpt2, antonyms: baseline")
 
 
-def test_peak_relative_depth_check(capsys):
+def test_peak_relative_depth_check(capsys, solutions):
     assert exercises.check_peak_relative_depth(solutions.peak_relative_depth)
     assert not exercises.check_peak_relative_depth(lambda by_layer, n: by_layer["accuracy"].idxmax() / n)
     assert not exercises.check_peak_relative_depth(lambda by_layer, n: None)
@@ -244,3 +244,10 @@ def test_decode_token_lives_with_the_model(tiny):
     assert decode_token(tiny, tiny.tokenizer.convert_tokens_to_ids("big")).strip() == "big"
     for name in ("experiments", "explore", "beyond", "conflicts", "inspect_vectors"):
         assert importlib.import_module(f"tvlab.{name}").decode_token is decode_token
+
+
+def test_an_explorer_leaves_readable_text_for_readers_without_a_kernel(tiny):
+    e = widgets.icl_explorer(tiny, task="antonyms", n_demos=2, query="hot")
+    bundle = e._mimebundle()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == e.widget.model_id
+    assert bundle["text/plain"] == widgets.Explorer.PLACEHOLDER and "VBox" not in bundle["text/plain"]

@@ -95,9 +95,9 @@ def test_conflicting_tasks_need_shared_inputs(tiny):
         conflicts.conflicting_tasks(tiny, "country_capital", "antonyms", n_sets=2, layer=1)
 
 
-def test_notebook_exercise_checks_on_a_bank(bank, tiny, capsys):
+def test_notebook_exercise_checks_on_a_bank(bank, tiny, capsys, solutions):
     """The checks of notebooks 04-06 pass the reference solutions and fail wrong or crashing answers."""
-    from tvlab import exercises, solutions
+    from tvlab import exercises
 
     layers = (0, tiny.n_layers - 1)
     assert exercises.check_mean_within_task_distance(solutions.mean_within_task_distance, bank, layers)

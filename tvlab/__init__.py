@@ -33,7 +33,7 @@ __all__ = [
 
 def __getattr__(name):
     # The notebook helpers load on first use: widgets needs ipywidgets, which plain library use does not.
-    if name in ("exercises", "solutions", "widgets"):
+    if name in ("exercises", "widgets"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

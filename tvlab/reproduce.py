@@ -6,7 +6,9 @@
 >>> print(tvlab.reproduce.report(results))   # doctest: +ELLIPSIS
 Model: tiny-llama   prompts: paper format, 5 demonstrations, 2 test / 2 dev / 2 baseline sets, seed 41
 <BLANKLINE>
-task                         category      base   ICL    TV TV/ICL layer 1-token pairs
+± is the larger distance from an accuracy to the ends of its 95 % confidence interval over the sets (Wilson; ...).
+<BLANKLINE>
+task                         category          base       ICL        TV TV/ICL layer 1-token pairs
 ...
 >>> again = tvlab.reproduce.run_main(lm, tvlab.list_tasks(), config, out="results", progress=False)
 >>> len(again.resumed)                    # every task was picked up from results/.partial
@@ -232,7 +234,8 @@ def report(results: MainResults) -> str:
              f"seed {results.config.seed}", ""]
     head = (f"{'task':28s} {'category':12s} {'base':>9s} {'ICL':>9s} {'TV':>9s} {'TV/ICL':>6s} {'layer':>5s} "
             f"{'1-token pairs':>13s}")
-    lines += ["± is the half-width of a 95 % confidence interval over the sets (Wilson; categories combine their tasks').",
+    lines += ["± is the larger distance from an accuracy to the ends of its 95 % confidence interval over the sets "
+              "(Wilson; categories combine their tasks').",
               "", head, "-" * len(head)]
     for _, r in results.summary.iterrows():
         lines.append(f"{r.task:28s} {r.category:12s} {_pm(r, 'baseline')} {_pm(r, 'icl')} {_pm(r, 'task_vector')} "

@@ -178,10 +178,23 @@ class Explorer:
                 self._following = False
         self.refresh()
 
+    #: What a reader without a running kernel (GitHub, nbviewer) sees instead of the widget.
+    PLACEHOLDER = ("[An interactive explorer: run the notebook in Jupyter to use it. "
+                   "The next cell shows what it draws at these settings.]")
+
+    def _mimebundle(self) -> dict | None:
+        """The widget's display data with a readable text fallback (None where ipywidgets gives none: ipywidgets 7)."""
+        bundle = getattr(self.widget, "_repr_mimebundle_", lambda: None)()
+        return None if not bundle else {**bundle, "text/plain": self.PLACEHOLDER}
+
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        bundle = self._mimebundle()
+        if bundle is None:
+            display(self.widget)
+        else:
+            display(bundle, raw=True)
         self.refresh()
 
 
