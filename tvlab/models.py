@@ -755,14 +755,10 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
         if dtype not in _DTYPE_CHOICES:
             raise ValueError(f"the environment variable TVLAB_DTYPE={dtype!r} is not a dtype tvlab knows; set it to "
                              f"one of {', '.join(_DTYPE_CHOICES)}, or unset it for float32.")
-    if isinstance(dtype, str) and dtype not in _DTYPE_CHOICES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_CHOICES)}.")
-    if dtype == "auto":  # the device the model will compute on decides
-        target = (_resolve_device(device) if device_map is None
-                  else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        torch_dtype = fast_dtype(target)
-    else:
-        torch_dtype = _resolve_dtype(dtype or "float32")
+    # The device is checked before anything loads; with "auto" the device the model will compute on decides.
+    target = (_resolve_device(device) if device_map is None
+              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _resolve_dtype(dtype or "float32", target)
     stored = _resolve_weights_dtype(weights_dtype, torch_dtype)
     if name is not None and str(name).startswith("tiny-"):
         lm = tiny_model(str(name).removeprefix("tiny-"))  # random weights: for tests and demos of the machinery
