@@ -211,6 +211,9 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     if len(groups) != n or len(patches) != n:
         raise ValueError("groups and patches need one entry per prompt.")
     stats = stats if stats is not None else ForwardStats()
+    if lm.backend is not None:
+        return lm.backend.predict_last(lm, prompts, groups=groups, patches=patches, mode=mode, read=read,
+                                       read_position=read_position, logits=logits, batch_size=batch_size, stats=stats)
 
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
@@ -269,6 +272,9 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
                        read_position: int = -1, stats: ForwardStats | None = None) -> LastTokenOutput:
     """The reference path: one prompt per forward, full logits, nothing shared or padded."""
     stats = stats if stats is not None else ForwardStats()
+    if lm.backend is not None:
+        return lm.backend.predict_last(lm, prompts, groups=None, patches=patches, mode=mode, read=read,
+                                       read_position=read_position, logits=False, batch_size=1, stats=stats)
     patches = [None] * len(prompts) if patches is None else list(patches)
     tops, hiddens = [], []
     for ids, patch in zip(prompts, patches):
@@ -308,6 +314,8 @@ def generate_greedy(lm: LanguageModel, prompt: Sequence[int], *, patches: Sequen
     """
     if len(prompt) == 0:
         raise ValueError("the prompt has no tokens.")
+    if lm.backend is not None:
+        return lm.backend.generate_greedy(lm, prompt, patches=patches, mode=mode, max_new_tokens=max_new_tokens, stop=stop)
     ids = torch.tensor([list(prompt)], device=lm.device)
     with contextlib.ExitStack() as stack:
         for layer, vector, position in _row_patches(list(patches)):

@@ -113,6 +113,9 @@ class LanguageModel:
     name: str
     family: Family = field(init=False)
     prompt_prefix: str = field(init=False)
+    #: What runs the forward passes: None for tvlab's own engine (hooks on ``model``), or an
+    #: object with ``predict_last`` and ``generate_greedy`` (the nnsight backend, :mod:`tvlab.remote`).
+    backend: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.family = family_of(self.model)
