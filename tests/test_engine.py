@@ -46,7 +46,7 @@ def test_layer_sweep_shares_all_but_the_last_token(tiny):
     plain = predict_last_plain(tiny, [ids] * tiny.n_layers, patches=patches)
     assert torch.equal(fast.top_ids, plain.top_ids)
     assert stats.tokens == len(ids) - 1 + tiny.n_layers  # the prefix once, then one token per layer
-    assert stats.logit_rows == 1 + tiny.n_layers
+    assert stats.logit_rows == tiny.n_layers  # the prefix pass only fills the cache: no logits
 
 
 def test_sweep_predictions_equal_one_forward_per_layer(tiny):
@@ -185,3 +185,85 @@ def test_query_swap_frame(tiny):
     frame = tvlab.explore.query_swap(tiny, "antonyms", theta_layer=2, n_queries=5)
     assert list(frame["layer"]) == list(range(tiny.n_layers)) and (frame["n"] == 5).all()
     assert frame[["follows_x", "follows_x_swapped"]].stack().between(0, 1).all()
+
+
+def test_the_prefix_pass_computes_no_logits(tiny):
+    prompts, groups = _prompt_groups(tiny, n_sets=2)
+    rows = []
+    handle = tiny.unembed.register_forward_hook(lambda module, args, out: rows.append(out.shape[:2]))
+    try:
+        predict_last(tiny, prompts, groups=groups)
+    finally:
+        handle.remove()
+    assert rows == [(2, 0), (len(prompts), 1)]  # prefixes: no position kept; suffixes: the last one
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_lone_prompts_and_groups_in_one_call_equal_the_plain_path(model_type):
+    """A task's first pass: sets of 2 and 3 prompts sharing demonstrations, and zero-shot prompts alone."""
+    lm = tvlab.tiny_model(model_type)
+    prompts, groups = _prompt_groups(lm, n_sets=3, per_set=3)
+    more, more_groups = _prompt_groups(lm, n_sets=3, per_set=2)
+    zero_shot = [tokenize(lm.tokenizer, FORMATS["paper"], (), w).ids for w in ("big", "hot", "up", "slow")]
+    prompts = prompts + more + zero_shot
+    groups = groups + [10 + g for g in more_groups] + [20, 21, 22, 23]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(3)).tolist()  # interleaved
+    prompts, groups = [prompts[i] for i in order], [groups[i] for i in order]
+    g = torch.Generator().manual_seed(4)
+    patches = [None if i % 4 == 0 else (i % lm.n_layers, torch.randn(lm.d_model, generator=g)) for i in range(len(prompts))]
+    plain = predict_last_plain(lm, prompts, patches=patches, read=True)
+    for batch_size in (4, 7, None):
+        fast = predict_last(lm, prompts, groups=groups, patches=patches, read=True, logits=True, batch_size=batch_size)
+        assert torch.equal(fast.top_ids, plain.top_ids)
+        torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+        assert torch.equal(fast.logits.argmax(-1), plain.top_ids)
+
+
+def test_run_task_fast_path_equals_the_plain_path(tiny):
+    config = tvlab.ExperimentConfig(n_test=4, n_dev=4, n_baseline=6)
+    fast = tvlab.run_task(tiny, "antonyms", config)
+    plain = tvlab.run_task(tiny, "antonyms", tvlab.ExperimentConfig(n_test=4, n_dev=4, n_baseline=6, fast_path=False))
+    assert fast.predictions.equals(plain.predictions)
+    # dev and test sets (prefixes, then suffixes) and the zero-shot baseline prompts (alone), the sweep (prefix,
+    # then one token per layer), and the test queries at the best layer (alone): 3 + 2 + 1
+    assert fast.stats.forwards == 6
+    assert plain.stats.forwards == len(plain.predictions) + 2 * 4 * 2  # one per prompt; the dev and test sets' 2 dummies too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_path_on_a_gpu_equals_the_plain_path():
+    lm = tvlab.tiny_model("llama")
+    lm.model.to("cuda")
+    prompts, groups = _prompt_groups(lm, n_sets=6)
+    g = torch.Generator().manual_seed(5)
+    patches = [(i % lm.n_layers, torch.randn(lm.d_model, generator=g)) for i in range(len(prompts))]
+    fast = predict_last(lm, prompts, groups=groups, patches=patches, read=True)
+    plain = predict_last_plain(lm, prompts, patches=patches, read=True)
+    assert torch.equal(fast.top_ids, plain.top_ids)
+    torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_batch_size_fills_a_share_of_free_gpu_memory(tiny, monkeypatch):
+    assert tvlab.engine.auto_batch_size(tiny) == tvlab.engine.CPU_BATCH_SIZE  # on a CPU: the fixed size
+    per_prompt = tvlab.engine.bytes_per_prompt(tiny, 64)
+    monkeypatch.setattr(type(tiny), "device", property(lambda self: torch.device("cuda", 0)))
+    for free, want in ((100 * per_prompt, 60), (per_prompt // 2, 1), (10**9 * per_prompt, tvlab.engine.MAX_AUTO_BATCH)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
+        assert tvlab.engine.auto_batch_size(tiny, 64) == want
+
+
+def test_bytes_per_prompt_of_llama_7b_leaves_a_16_gb_gpu_room():
+    """LLaMA-7B's shapes on the meta device: the auto batch plus the weights fit in 16 GB."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        lm = tvlab.LanguageModel(LlamaForCausalLM(config).to(torch.bfloat16), tvlab.models.tiny_tokenizer(), "7b")
+    per_prompt = tvlab.engine.bytes_per_prompt(lm, 64)
+    # its key/value cache alone: 2 (keys, values) x 32 layers x 4096 x 64 tokens x 2 bytes, twice
+    assert per_prompt > 2 * 2 * 32 * 4096 * 64 * 2
+    weights = lm.n_params(embeddings=True) * 2
+    free = 16 * 2**30 - weights - 2**30  # a 16 GB GPU with the weights and 1 GiB of CUDA context in it
+    batch = int(tvlab.engine.MEMORY_SHARE * free) // per_prompt
+    assert 4 <= batch <= 32 and weights + batch * per_prompt < 16 * 2**30

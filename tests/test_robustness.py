@@ -119,16 +119,16 @@ ARGS = ["reproduce", "--model", "tiny-llama", "--n-test", "3", "--n-dev", "2", "
 
 def test_interrupted_reproduce_resumes_finished_tasks(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    real_run_task = reproduce.run_task
+    real_run_task = reproduce.run_prepared_task
     done = []
 
-    def interrupted_after_one(lm, task, config, stats=None):
+    def interrupted_after_one(lm, task, report, config, stats=None):
         if done:
             raise KeyboardInterrupt
         done.append(task.name)
-        return real_run_task(lm, task, config, stats=stats)
+        return real_run_task(lm, task, report, config, stats=stats)
 
-    monkeypatch.setattr(reproduce, "run_task", interrupted_after_one)
+    monkeypatch.setattr(reproduce, "run_prepared_task", interrupted_after_one)
     assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not (out / "main_results.csv").exists()
@@ -136,7 +136,7 @@ def test_interrupted_reproduce_resumes_finished_tasks(tmp_path, monkeypatch, cap
     assert [p.stem for p in partial] == ["antonyms"]  # the finished task, complete
     assert not list((out / ".partial").glob("*/.*.tmp"))  # no half-written file
 
-    monkeypatch.setattr(reproduce, "run_task", real_run_task)
+    monkeypatch.setattr(reproduce, "run_prepared_task", real_run_task)
     assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 0
     assert "1 tasks resumed" in capsys.readouterr().out
     fresh = tmp_path / "fresh"

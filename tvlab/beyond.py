@@ -79,7 +79,7 @@ def _accuracy(lm: LanguageModel, task: Task, pairs: Sequence[Pair], ids) -> floa
 
 
 def _patched(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, vectors: torch.Tensor, layer: int,
-             batch_size: int = 256) -> torch.Tensor:
+             batch_size: int | None = None) -> torch.Tensor:
     """Zero-shot predictions with ``vectors[i]`` ([n, d] or [d]) written over query i's last state at ``layer``."""
     vectors = vectors.expand(len(queries), -1) if vectors.dim() == 1 else vectors
     thetas = torch.zeros(len(queries), lm.n_layers, lm.d_model)
@@ -87,13 +87,13 @@ def _patched(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, vect
     return zero_shot_predictions(lm, queries, fmt, thetas=thetas, layers=[layer], batch_size=batch_size)[:, 0]
 
 
-def _zero_shot_run(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int = 256):
+def _zero_shot_run(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int | None = None):
     """The zero-shot prompts, run once: ``.top_ids`` (the baseline) and ``.hidden`` ``[n, n_layers, d_model]``."""
     prompts = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
     return predict_last(lm, prompts, read=True, batch_size=batch_size)
 
 
-def _zero_shot_states(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int = 256):
+def _zero_shot_states(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int | None = None):
     """Every block's output at the last token of each zero-shot prompt: ``[n, n_layers, d_model]``."""
     return _zero_shot_run(lm, queries, fmt, batch_size).hidden
 

@@ -30,6 +30,11 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _batch_size(text: str) -> int | None:
+    """``--batch-size``: a whole number >= 1, or ``auto`` (None: chosen from the device's free memory)."""
+    return None if text == "auto" else _positive(text)
+
+
 def _out_folder(text: str) -> str:
     """``--out``: a folder that exists or can be created, and can be written."""
     path = Path(text).absolute()
@@ -78,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype; auto: bfloat16 where this CPU/GPU computes it fast, else float32 "
                           "(default: the environment variable TVLAB_DTYPE if set, else float32)")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
-    rep.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"prompts per forward pass; lower it if memory runs out (default {d.batch_size})")
+    rep.add_argument("--batch-size", type=_batch_size, default=d.batch_size, metavar="N|auto",
+                     help="prompts per forward pass; auto (the default): as many as fit in 60%% of a GPU's free memory, "
+                          "256 on a CPU. Lower it if memory runs out")
     rep.add_argument("--out", type=_out_folder, default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub.add_parser("tasks", help="list the built-in tasks")
@@ -108,6 +115,9 @@ def _reproduce(args) -> int:
     print(f"Loaded {lm} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     results = reproduce.run_main(lm, tasks, config, out=args.out, progress=not args.no_progress, scoring=args.scoring)
     print(reproduce.report(results))
+    how = "auto, from free memory" if config.batch_size is None else "--batch-size"
+    print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({how}); "
+          f"{results.stats.forwards} forward passes.")
     written = reproduce.save(results, args.out)
     resumed = f" ({len(results.resumed)} tasks resumed from an earlier run)" if results.resumed else ""
     print(f"\nDone in {time.perf_counter() - start:.0f} s{resumed}. Wrote {', '.join(str(p) for p in written)}")

@@ -55,6 +55,7 @@ class ForwardStats:
     tokens: int = 0          # prompt tokens run through the blocks (padding excluded)
     logit_rows: int = 0      # positions whose full-vocabulary logits were computed
     forwards: int = 0        # calls of the model's forward
+    largest_batch: int = 0   # the most prompts a forward pass was allowed (batch_size, or the prompts of a call)
 
     def flops(self, lm: LanguageModel) -> float:
         """Forward FLOPs: 2 per weight per token in the blocks, plus 2 per unembedding weight per logit row.
@@ -80,14 +81,54 @@ class LastTokenOutput:
     logits: torch.Tensor | None = None      # [n_prompts, vocab] float32 next-token logits if logits=True
 
 
+#: Prompts per forward pass on a CPU (and Apple's MPS) when ``batch_size`` is None. Larger batches
+#: do not run faster there (measured: 64 to 4096 prompts within noise, benchmarks/bench_overhead.py),
+#: and Binder's 1.8 GB memory figures in the README were measured at this size.
+CPU_BATCH_SIZE = 256
+#: The largest auto batch on a GPU, and the share of its free memory that auto batches may fill.
+MAX_AUTO_BATCH, MEMORY_SHARE = 4096, 0.6
+
+
+def bytes_per_prompt(lm: LanguageModel, width: int) -> int:
+    """Device memory one prompt of ``width`` tokens (padding included) needs during a forward pass, at most.
+
+    Its key/value cache at every layer, twice (the shared prefix's copy and the cache the suffix
+    pass extends), one block's largest activations (hidden, attention and MLP inputs and outputs,
+    attention scores), and the last position's logits in float32.
+    """
+    config = lm.model.config
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or lm.d_model // heads
+    d_ff = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+            or getattr(config, "ffn_dim", None) or 4 * lm.d_model)
+    act = torch.finfo(lm.dtype).bits // 8
+    cache = 2 * 2 * lm.n_layers * kv_heads * head_dim * width * act
+    block = width * (4 * lm.d_model + 3 * d_ff + 2 * heads * head_dim) * act + heads * width * width * 4
+    logits = lm.unembed.weight.shape[0] * (act + 4)
+    return cache + block + logits
+
+
+def auto_batch_size(lm: LanguageModel, width: int = 64) -> int:
+    """The batch size ``predict_last`` uses when given None: prompts per forward pass.
+
+    On a CUDA GPU: as many prompts of ``width`` tokens as fit in :data:`MEMORY_SHARE` of the
+    memory free right now (:func:`bytes_per_prompt`), at most :data:`MAX_AUTO_BATCH`, at least 1.
+    Elsewhere :data:`CPU_BATCH_SIZE`.
+    """
+    if lm.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    return max(1, min(MAX_AUTO_BATCH, int(MEMORY_SHARE * free) // bytes_per_prompt(lm, width)))
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+    lengths = torch.tensor([len(s) for s in seqs])
+    width = int(lengths.max())
+    mask = (torch.arange(width) >= width - lengths[:, None]).long()
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+    ids[mask.bool()] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
     return ids, mask
 
 
@@ -149,6 +190,9 @@ def _cache_arg(lm: LanguageModel, cache) -> dict:
     return {"cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values": cache}
 
 
+_NO_LOGITS = torch.empty(0, dtype=torch.long)
+
+
 @torch.inference_mode()
 def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: list[tuple[int, ...]],
                owner: list[int], patches: list[RowPatch], read: bool, stats: ForwardStats, logits: bool = False,
@@ -159,14 +203,14 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     if max(len(p) for p in prefixes) > 0:
         p_ids, p_mask = _left_pad(prefixes, pad)
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
         out = lm.model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), position_ids=p_pos.to(device),
-                       use_cache=True, logits_to_keep=1)
+                       use_cache=True, logits_to_keep=_NO_LOGITS)
         cache = _cache_of(out)
         cache.batch_select_indices(torch.tensor(owner, device=device))  # one copy of its prefix per suffix
         p_mask = p_mask[owner]
         stats.forwards += 1
         stats.tokens += int(sum(len(p) for p in prefixes))
-        stats.logit_rows += len(prefixes)
     s_ids, s_mask = _left_pad(suffixes, pad)
     start = torch.tensor([len(prefixes[o]) for o in owner]).unsqueeze(1)
     s_pos = (start + s_mask.cumsum(-1) - 1).clamp(min=0)
@@ -186,7 +230,7 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
 
 def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups: Sequence[int] | None = None,
                  patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool = False,
-                 read_position: int = -1, logits: bool = False, batch_size: int = 64,
+                 read_position: int = -1, logits: bool = False, batch_size: int | None = None,
                  stats: ForwardStats | None = None) -> LastTokenOutput:
     """Next-token argmax at the last position of each prompt, with optional patches and reads.
 
@@ -196,7 +240,8 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     block's output at the last token, as it was before any patch of that row at that block.
     ``read_position``: read there instead (counted from the end, like a patch's position).
     ``logits``: also return the last position's logits. ``batch_size`` counts prompts per
-    forward pass (a group is never split). Prompts whose reads or patches reach before their
+    forward pass (a group is never split); None picks it from the device's free memory
+    (:func:`auto_batch_size`). Prompts whose reads or patches reach before their
     last token share no prefix: those positions must run in the same pass.
     """
     n = len(prompts)
@@ -204,8 +249,8 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         raise ValueError("no prompts to run.")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt has no tokens.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a whole number >= 1 or None (chosen from free memory), got {batch_size!r}.")
     groups = list(range(n)) if groups is None else list(groups)
     patches = [None] * n if patches is None else list(patches)
     if len(groups) != n or len(patches) != n:
@@ -214,6 +259,10 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     if lm.backend is not None:
         return lm.backend.predict_last(lm, prompts, groups=groups, patches=patches, mode=mode, read=read,
                                        read_position=read_position, logits=logits, batch_size=batch_size, stats=stats)
+
+    if batch_size is None:
+        batch_size = auto_batch_size(lm, width=max(len(p) for p in prompts))
+    stats.largest_batch = max(stats.largest_batch, min(batch_size, n))
 
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
@@ -254,13 +303,16 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
             all_logits[rows] = lg
         chunk.clear()
 
-    in_chunk = 0
-    for g, idx in members.items():
-        if chunk and in_chunk + len(idx) > batch_size:
+    # Groups of similar length share a batch, so little of it is padding; prompts that share no prefix with
+    # another run in batches of their own, which need no prefix pass (results do not depend on the order).
+    in_chunk, lone = 0, False
+    for idx in sorted(members.values(), key=lambda idx: (len(idx) == 1, len(prompts[idx[0]]))):
+        if chunk and (in_chunk + len(idx) > batch_size or (len(idx) == 1) != lone):
             flush()
             in_chunk = 0
         chunk.append(idx)
         in_chunk += len(idx)
+        lone = len(idx) == 1
     if chunk:
         flush()
     return LastTokenOutput(top, hidden, stats, logits=all_logits)
@@ -294,7 +346,7 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
 
 
 def next_token_logits(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, patches: Sequence[RowPatch] | None = None,
-                      mode: str = "replace", batch_size: int = 64) -> torch.Tensor:
+                      mode: str = "replace", batch_size: int | None = None) -> torch.Tensor:
     """The last position's next-token logits of each prompt: ``[n_prompts, vocab]``, float32, on the CPU."""
     return predict_last(lm, prompts, patches=patches, mode=mode, logits=True, batch_size=batch_size).logits
 

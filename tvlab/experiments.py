@@ -32,7 +32,8 @@ import torch
 
 from .engine import ForwardStats, predict_last, predict_last_plain
 from .models import LanguageModel, decode_token
-from .prompts import FilterReport, PromptFormat, PromptSet, get_format, sample_sets, single_token_filter, tokenize
+from .prompts import (FilterReport, PromptFormat, PromptSet, get_format, prompt_ids, sample_sets,
+                      single_token_filter)
 from .tasks import Pair, Task, get_task
 
 
@@ -47,12 +48,14 @@ class ExperimentConfig:
     n_dummies: int = 2
     seed: int = 41
     format: str = "paper"
-    batch_size: int = 256      # prompts per forward pass; changes speed and memory, not results
+    batch_size: int | None = None  # prompts per forward pass, None: chosen from free memory; speed, not results
     fast_path: bool = True     # False: one prompt per forward, a full forward per layer (the reference)
 
     def __post_init__(self) -> None:
         for name in ("n_test", "n_dev", "n_baseline", "n_dummies", "batch_size"):
             value = getattr(self, name)
+            if name == "batch_size" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
         for name in ("n_demos", "seed"):
@@ -89,8 +92,46 @@ def _check_context(lm: LanguageModel, prompts: Sequence[Sequence[int]]) -> None:
 
 # --------------------------------------------------------------------------- building blocks
 
+def _set_prompts(lm: LanguageModel, sets: Sequence[PromptSet], fmt: PromptFormat,
+                 with_icl: bool) -> tuple[list[tuple[int, ...]], list[int], list[str]]:
+    """Every prompt of ``sets``: per set, its ICL prompt (if ``with_icl``) and one per dummy query.
+
+    Returns the token ids, the set each prompt belongs to, and its role ("icl" or "dummy").
+    """
+    if any(len(s.dummies) == 0 for s in sets):
+        raise ValueError("extracting a task vector needs at least one dummy query per set (n_dummies >= 1).")
+    items, owner, role = [], [], []
+    for k, s in enumerate(sets):
+        for what, q in ([("icl", s.query)] if with_icl else []) + [("dummy", d) for d in s.dummies]:
+            items.append((s.demos, q.input))
+            owner.append(k)
+            role.append(what)
+    return prompt_ids(lm.tokenizer, fmt, items), owner, role
+
+
+def _set_outputs(lm: LanguageModel, n_sets: int, owner: Sequence[int], role: Sequence[str], top_ids: torch.Tensor,
+                 hidden: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """ICL predictions and θ ``[n_sets, n_layers, d_model]`` (the mean over each set's dummy prompts)."""
+    owner_t = torch.as_tensor(owner)
+    dummy = torch.tensor([r == "dummy" for r in role])
+    thetas = torch.zeros(n_sets, lm.n_layers, lm.d_model).index_add_(0, owner_t[dummy], hidden[dummy])
+    thetas /= torch.bincount(owner_t[dummy], minlength=n_sets).clamp(min=1)[:, None, None]
+    icl = [0] * n_sets
+    for k, what, token in zip(owner, role, top_ids.tolist()):
+        if what == "icl":
+            icl[k] = token
+    return icl, thetas
+
+
+def _forward(lm: LanguageModel, prompts, *, fast: bool, groups=None, patches=None, read: bool = False,
+             batch_size: int | None = None, stats: ForwardStats | None = None):
+    if fast:
+        return predict_last(lm, prompts, groups=groups, patches=patches, read=read, batch_size=batch_size, stats=stats)
+    return predict_last_plain(lm, prompts, patches=patches, read=read, stats=stats)
+
+
 def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: PromptFormat, *, with_icl: bool = True,
-                         batch_size: int = 256, stats: ForwardStats | None = None,
+                         batch_size: int | None = None, stats: ForwardStats | None = None,
                          fast: bool = True) -> tuple[list[int] | None, torch.Tensor]:
     """ICL predictions (token ids) and task vectors θ(S) ``[n_sets, n_layers, d_model]``.
 
@@ -98,30 +139,11 @@ def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: Prom
     and each dummy query run on their cache. θ is the mean over the dummy prompts of the
     last-token hidden state at every layer.
     """
-    if any(len(s.dummies) == 0 for s in sets):
-        raise ValueError("extracting a task vector needs at least one dummy query per set (n_dummies >= 1).")
-    prompts, groups, role = [], [], []
-    for k, s in enumerate(sets):
-        queries = ([("icl", s.query)] if with_icl else []) + [("dummy", d) for d in s.dummies]
-        for what, q in queries:
-            prompts.append(tokenize(lm.tokenizer, fmt, s.demos, q.input).ids)
-            groups.append(k)
-            role.append(what)
+    prompts, owner, role = _set_prompts(lm, sets, fmt, with_icl)
     _check_context(lm, prompts)
-    if fast:
-        out = predict_last(lm, prompts, groups=groups, read=True, batch_size=batch_size, stats=stats)
-    else:
-        out = predict_last_plain(lm, prompts, read=True, stats=stats)
-    thetas = torch.zeros(len(sets), lm.n_layers, lm.d_model)
-    counts = torch.zeros(len(sets))
-    icl = [0] * len(sets)
-    for row, (k, what) in enumerate(zip(groups, role)):
-        if what == "icl":
-            icl[k] = int(out.top_ids[row])
-        else:
-            thetas[k] += out.hidden[row]
-            counts[k] += 1
-    return (icl if with_icl else None), thetas / counts[:, None, None]
+    out = _forward(lm, prompts, fast=fast, groups=owner, read=True, batch_size=batch_size, stats=stats)
+    icl, thetas = _set_outputs(lm, len(sets), owner, role, out.top_ids, out.hidden)
+    return (icl if with_icl else None), thetas
 
 
 def extract_task_vector(lm: LanguageModel, demos: Sequence[Pair], dummies: Sequence[Pair], layer: int,
@@ -135,18 +157,16 @@ def extract_task_vector(lm: LanguageModel, demos: Sequence[Pair], dummies: Seque
 
 def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, *,
                           thetas: torch.Tensor | None = None, layers: Sequence[int] | None = None,
-                          batch_size: int = 256, stats: ForwardStats | None = None, fast: bool = True) -> torch.Tensor:
+                          batch_size: int | None = None, stats: ForwardStats | None = None, fast: bool = True) -> torch.Tensor:
     """Predicted token ids for zero-shot prompts, plain or patched.
 
     Without ``thetas``: ``[n_queries]``, the baseline. With ``thetas`` ``[n_queries,
     n_layers, d_model]`` and ``layers``: ``[n_queries, len(layers)]``, query i patched at
     each layer with its own θ. All copies of a query share everything but the last token.
     """
-    base = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
+    base = prompt_ids(lm.tokenizer, fmt, [((), q.input) for q in queries])
     if thetas is None:
-        if not fast:
-            return predict_last_plain(lm, base, stats=stats).top_ids
-        return predict_last(lm, base, batch_size=batch_size, stats=stats).top_ids
+        return _forward(lm, base, fast=fast, batch_size=batch_size, stats=stats).top_ids
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(layer) for layer in layers]
     prompts, groups, patches = [], [], []
     for i, ids in enumerate(base):
@@ -154,10 +174,7 @@ def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: Promp
             prompts.append(ids)
             groups.append(i)
             patches.append((layer, thetas[i, layer]))
-    if fast:
-        out = predict_last(lm, prompts, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
-    else:
-        out = predict_last_plain(lm, prompts, patches=patches, stats=stats)
+    out = _forward(lm, prompts, fast=fast, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
     return out.top_ids.view(len(queries), len(layers))
 
 
@@ -185,9 +202,10 @@ class TaskRun:
 
 
 def _rows(task: Task, lm, split: str, method: str, layer, pairs: Sequence[Pair], ids: Sequence[int]) -> list[dict]:
+    text = {token: decode_token(lm, token) for token in set(ids)}
     rows = []
     for k, (pair, token) in enumerate(zip(pairs, ids)):
-        predicted = decode_token(lm, token)
+        predicted = text[token]
         rows.append({"task": task.name, "category": task.category, "split": split, "set": k, "method": method,
                      "layer": layer, "query": pair.input, "expected": pair.output, "predicted": predicted.strip(),
                      "correct": task.score(predicted, pair)})
@@ -227,24 +245,52 @@ def run_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig | Non
              stats: ForwardStats | None = None) -> TaskRun:
     """The paper's main experiment on one task: baseline, ICL, layer sweep on dev, TV on test."""
     config = config or ExperimentConfig()
-    stats = stats if stats is not None else ForwardStats()
     task, report = prepare_task(lm, task, config)
+    return run_prepared_task(lm, task, report, config, stats)
+
+
+def run_prepared_task(lm: LanguageModel, task: Task, report: FilterReport, config: ExperimentConfig,
+                      stats: ForwardStats | None = None) -> TaskRun:
+    """:func:`run_task` on a task :func:`prepare_task` has already filtered (``report`` is its filter report).
+
+    Three calls of the engine, each as large as its dependencies allow:
+
+    1. every prompt that needs no task vector: the dev sets (θ for the sweep), the test sets
+       (ICL prediction and θ) and the zero-shot baseline prompts;
+    2. the layer sweep: each dev query patched with its own set's θ at every layer;
+    3. each test query patched with its own set's θ at the best dev layer.
+    """
+    stats = stats if stats is not None else ForwardStats()
     fmt = prompt_format(lm, config)
     engine_args = {"batch_size": config.batch_size, "stats": stats, "fast": config.fast_path}
     dev = _dev_sets(task, config)
     test = sample_sets(task, config.n_test, config.n_demos, config.seed, "test", config.n_dummies)
     base = [s.query for s in sample_sets(task, config.n_baseline, 0, config.seed, "baseline")]
 
-    rows = _sweep_rows(lm, task, dev, fmt, engine_args)
+    dev_ids, dev_owner, dev_role = _set_prompts(lm, dev, fmt, with_icl=False)
+    test_ids, test_owner, test_role = _set_prompts(lm, test, fmt, with_icl=True)
+    base_ids = prompt_ids(lm.tokenizer, fmt, [((), q.input) for q in base])
+    prompts = dev_ids + test_ids + base_ids
+    _check_context(lm, prompts)
+    groups = dev_owner + [len(dev) + k for k in test_owner] + list(range(len(dev) + len(test), len(dev) + len(test) + len(base)))
+    out = _forward(lm, prompts, groups=groups, read=True, **engine_args)
+    n_dev, n_test = len(dev_ids), len(test_ids)
+    _, dev_thetas = _set_outputs(lm, len(dev), dev_owner, dev_role, out.top_ids[:n_dev], out.hidden[:n_dev])
+    icl, test_thetas = _set_outputs(lm, len(test), test_owner, test_role, out.top_ids[n_dev:n_dev + n_test],
+                                    out.hidden[n_dev:n_dev + n_test])
+
+    dev_q, test_q = [s.query for s in dev], [s.query for s in test]
+    sweep = zero_shot_predictions(lm, dev_q, fmt, thetas=dev_thetas, **engine_args)
+    rows = []
+    for layer in range(lm.n_layers):
+        rows += _rows(task, lm, "dev", "task_vector", layer, dev_q, sweep[:, layer].tolist())
     dev_acc = pd.DataFrame(rows).groupby("layer")["correct"].mean()
     best = int(dev_acc.idxmax())  # ties -> the earliest layer
 
-    icl, test_thetas = icl_and_task_vectors(lm, test, fmt, **engine_args)
-    test_q = [s.query for s in test]
     rows += _rows(task, lm, "test", "icl", None, test_q, icl)
     tv = zero_shot_predictions(lm, test_q, fmt, thetas=test_thetas, layers=[best], **engine_args)
     rows += _rows(task, lm, "test", "task_vector", best, test_q, tv[:, 0].tolist())
-    rows += _rows(task, lm, "test", "baseline", None, base, zero_shot_predictions(lm, base, fmt, **engine_args).tolist())
+    rows += _rows(task, lm, "test", "baseline", None, base, out.top_ids[n_dev + n_test:].tolist())
     predictions = pd.DataFrame(rows)
     predictions["layer"] = predictions["layer"].astype("Int64")
     return TaskRun(task.name, task.category, predictions, report, best, config, stats)

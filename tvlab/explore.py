@@ -57,7 +57,7 @@ def icl_prompt(lm: LanguageModel, task: str | Task, n_demos: int, query: str, se
 
 
 def icl_vs_demos(lm: LanguageModel, tasks: Sequence[str | Task], n_demos: Sequence[int], n_sets: int = 20,
-                 seed: int = 41, fmt: str = "paper", batch_size: int = 256) -> pd.DataFrame:
+                 seed: int = 41, fmt: str = "paper", batch_size: int | None = None) -> pd.DataFrame:
     """ICL accuracy against the number of demonstrations: columns task, category, n_demos, accuracy.
 
     0 demonstrations is the zero-shot baseline. For each count, ``n_sets`` independent sets.

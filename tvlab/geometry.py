@@ -88,7 +88,7 @@ class TaskVectors:
 
 
 def collect_task_vectors(lm: LanguageModel, tasks: Sequence[str], n_per_task: int = 50, n_demos: int = 4,
-                         seed: int = 41, fmt: str = "paper", batch_size: int = 256) -> TaskVectors:
+                         seed: int = 41, fmt: str = "paper", batch_size: int | None = None) -> TaskVectors:
     """``n_per_task`` task vectors per task, each from its own independently sampled S."""
     config = ExperimentConfig(n_demos=n_demos, seed=seed, format=fmt, batch_size=batch_size)
     vectors, labels = [], []

@@ -110,6 +110,18 @@ def tokenize(tokenizer, fmt: PromptFormat, demos: Sequence[Pair], query: str) ->
     return TokenizedPrompt(text, ids, {PREDICT: len(ids) - 1, QUERY: min(n_head, len(ids) - 1)})
 
 
+def prompt_ids(tokenizer, fmt: PromptFormat, items: Sequence[tuple[Sequence[Pair], str]]) -> list[tuple[int, ...]]:
+    """Token ids of many prompts, each ``(demos, query)``, in one batched tokenizer call.
+
+    The same ids as ``tokenize(tokenizer, fmt, demos, query).ids`` for each item (a fast
+    tokenizer encodes a batch item by item, without padding), at a fraction of the cost of
+    one call per prompt: the protocol tokenizes about 16,000 prompts.
+    """
+    if not items:
+        return []
+    return [tuple(ids) for ids in tokenizer([fmt.render(demos, query) for demos, query in items]).input_ids]
+
+
 def _n_special_prefix(tokenizer) -> int:
     return len(tokenizer("").input_ids)
 

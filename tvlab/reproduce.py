@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import paper
 from .engine import ForwardStats
-from .experiments import ExperimentConfig, category_means, layer_accuracy, prepare_task, run_task, summarize
+from .experiments import ExperimentConfig, category_means, layer_accuracy, prepare_task, run_prepared_task, summarize
 from .models import LanguageModel
 from .prompts import FilterReport
 from .tasks import CATEGORIES, Scoring, Task, TaskError, get_task, is_task_file, load_task
@@ -189,7 +189,7 @@ def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentC
             meta = json.loads(partial.with_suffix(".json").read_text())
             resumed.append(task.name)
         else:
-            predictions = run_task(lm, usable, config, stats=stats).predictions  # filtering again keeps every pair
+            predictions = run_prepared_task(lm, usable, filter_report, config, stats=stats).predictions
             meta = {"kept": filter_report.kept, "total": filter_report.total}
             if partial is not None:
                 _write_atomic(partial.with_suffix(".json"), json.dumps(meta))
