@@ -43,23 +43,66 @@ def random_llama(shape: dict, device: str, dtype: torch.dtype, name: str):
     return tvlab.LanguageModel(model, tokenizer, name)
 
 
+def _sync(lm) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def run(lm, config, tasks, peak: float) -> dict:
+    """The protocol once as a warm-up (one task, small sets), then timed in full."""
     import tvlab
 
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    sync()
+    tvlab.reproduce.run_main(lm, tasks[:1], tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2), progress=False)
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(lm)
     results = tvlab.reproduce.run_main(lm, tasks, config, progress=False)
-    sync()
+    _sync(lm)
     flops = results.stats.flops(lm)
     return {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device),
-            "tasks": len(tasks), "seconds": round(results.seconds, 1), "tokens": results.stats.tokens,
+            "tasks": len(tasks), "seconds": round(results.seconds, 2), "tokens": results.stats.tokens,
             "tokens_per_s": round(results.stats.tokens / results.seconds), "tflop": round(flops / 1e12, 2),
-            "mfu": float(f"{flops / results.seconds / peak:.3g}"),
+            "mfu": float(f"{flops / results.seconds / peak:.3g}"), "batch_size": results.stats.largest_batch,
+            "forwards": results.stats.forwards,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if lm.device.type == "cuda" else None,
             "means": results.summary[["baseline", "icl", "task_vector"]].mean().round(3).to_dict()}
 
 
-def main(argv=None) -> list[dict]:
+def plain_vs_fast(lm, tasks, config) -> dict:
+    """The same tasks through the plain per-prompt loop and the fast path: speed ratio, identical predictions."""
+    import dataclasses
+
+    import tvlab
+
+    out = {}
+    for fast in (True, False):
+        cfg = dataclasses.replace(config, fast_path=fast)
+        tvlab.run_task(lm, tasks[0], dataclasses.replace(cfg, n_test=1, n_dev=1, n_baseline=1))  # warm-up
+        _sync(lm)
+        t = time.perf_counter()
+        frames = [tvlab.run_task(lm, task, cfg).predictions for task in tasks]
+        _sync(lm)
+        out[fast] = (time.perf_counter() - t, frames)
+    (fast_s, fast_frames), (plain_s, plain_frames) = out[True], out[False]
+    same = sum(int((a["predicted"].values == b["predicted"].values).sum()) for a, b in zip(fast_frames, plain_frames))
+    total = sum(len(a) for a in fast_frames)
+    sets = f"{config.n_dev}/{config.n_test}/{config.n_baseline}"
+    return {"model": lm.name, "tasks": list(tasks), "sets": sets, "plain_s": round(plain_s, 2), "fast_s": round(fast_s, 2),
+            "speedup": round(plain_s / fast_s, 1), "predictions": total, "identical": round(same / total, 4)}
+
+
+def table(results: list[dict], peak: float) -> str:
+    lines = [f"bf16 matmul peak measured here: {peak / 1e12:.0f} TFLOP/s",
+             "| model shape | batch size (auto) | forwards | wall | tokens/s | MFU | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['forwards']} | {r['seconds']:.1f} s | "
+                     f"{r['tokens_per_s']:,} | {r['mfu']:.1%} | {memory} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
     import tvlab
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,21 +117,26 @@ def main(argv=None) -> list[dict]:
     peak = matmul_peak(torch.bfloat16, n=256 if args.dry_run else 8192, device=device)
     results = []
     big = random_llama(TINY if args.dry_run else LLAMA_7B, device, torch.bfloat16,
-                       "tiny-llama (dry run)" if args.dry_run else "llama-7b-config (random weights)")
+                       "tiny-llama (dry run)" if args.dry_run else "LLaMA-7B shape (random weights)")
     results.append(run(big, config, tasks, peak))
+    compare = plain_vs_fast(big, ["antonyms", "next_letter"],
+                            tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2) if args.dry_run
+                            else tvlab.ExperimentConfig(n_test=8, n_dev=8, n_baseline=16))
     del big
     if device == "cuda":
         torch.cuda.empty_cache()
     default = tvlab.load_model(None if not args.dry_run else "tiny-gemma3_text", dtype="bfloat16", device=device)
     results.append(run(default, config, tasks, peak))
-    print(f"bf16 matmul peak on {device}: {peak / 1e12:.1f} TFLOP/s")
-    for r in results:
-        print(json.dumps(r))
+    print(table(results, peak))
+    print(f"plain loop vs fast path on the {compare['model']} ({', '.join(compare['tasks'])}, {compare['sets']} dev/test/baseline sets): "
+          f"{compare['plain_s']:.1f} s vs {compare['fast_s']:.2f} s = {compare['speedup']:.0f}x; "
+          f"{compare['identical']:.1%} of {compare['predictions']} predictions identical (bfloat16)")
+    report = {"date": time.strftime("%Y-%m-%d"), "peak_tflops": round(peak / 1e12, 1),
+              "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "results": results, "plain_vs_fast": compare}
     if args.out:
-        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "peak_tflops": peak / 1e12,
-                                              "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                              "results": results}, indent=1))
-    return results
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

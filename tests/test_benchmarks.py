@@ -11,11 +11,37 @@ import torch  # noqa: E402
 
 
 def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
-    results = bench_gpu.main(["--dry-run", "--out", str(tmp_path / "gpu.json")])
+    report = bench_gpu.main(["--dry-run", "--out", str(tmp_path / "gpu.json")])
+    results = report["results"]
     assert [r["tasks"] for r in results] == [2, 2]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in results)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] and 1 <= r["batch_size"] <= 256 for r in results)
+    compare = report["plain_vs_fast"]
+    assert compare["speedup"] > 0 and 0.5 <= compare["identical"] <= 1 and compare["predictions"] > 0
+    assert f"| tiny-llama (dry run) | {results[0]['batch_size']} |" in bench_gpu.table(results, report["peak_tflops"] * 1e12)
     assert (tmp_path / "gpu.json").exists()
+
+
+def test_overhead_benchmark_measures_the_tiny_model(monkeypatch):
+    import bench_overhead
+
+    monkeypatch.setattr(bench_overhead, "_run_in", lambda path: {**FAKE, "wall_s": 2.0 if path != bench_overhead.ROOT else 0.5})
+    best = bench_overhead.main(["--repeats", "1"])
+    assert set(best) == {"this checkout"} and best["this checkout"]["wall_s"] == 0.5
 
 
 def test_matmul_peak_is_positive():
     assert bench_reproduce.matmul_peak(torch.float32, n=128, repeats=2) > 0
+
+
+FAKE = {"forward_s": 0.25, "forwards": 108, "tokens": 98985, "gflop": 44.6, "threads": 2, "means": {}}
+
+
+def test_overhead_measurement_runs_the_protocol(monkeypatch):
+    """The measurement itself, on fewer tasks (the benchmark runs all 18)."""
+    import bench_overhead
+    import tvlab
+
+    monkeypatch.setattr(tvlab, "list_tasks", lambda include_extra=False: ["antonyms", "next_letter", "country_capital", "to_upper"])
+    monkeypatch.setattr(tvlab, "ExperimentConfig", lambda: tvlab.experiments.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2))
+    result = bench_overhead._measure()
+    assert result["forwards"] > 0 and result["tokens"] > 0 and 0 < result["forward_s"] < result["wall_s"]
