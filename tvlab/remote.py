@@ -282,6 +282,17 @@ def _hosted_models(nnsight) -> dict[str, dict]:
             if d.get("deployment_level") in ("HOT", "WARM")}
 
 
+def with_nnsight(lm: LanguageModel, *, progress: bool = False) -> LanguageModel:
+    """``lm``'s model and tokenizer, run locally through nnsight: a new LanguageModel sharing the weights.
+
+    nnsight routes the modules' forwards through its own wrappers; ``lm`` itself keeps tvlab's engine
+    and its results (tests/test_remote.py checks both).
+    """
+    nnsight = _import_nnsight()
+    traced = nnsight.TransformersModel(lm.model, tokenizer=lm.tokenizer, task="text-generation")
+    return LanguageModel(lm.model, lm.tokenizer, lm.name, backend=NNsightBackend(traced, progress=progress))
+
+
 def load_remote_model(name: str | os.PathLike | None = None, *, remote: bool = False, progress: bool | None = None,
                       **load_kwargs) -> LanguageModel:
     """A :class:`~tvlab.models.LanguageModel` whose forward passes run through nnsight.
@@ -297,10 +308,7 @@ def load_remote_model(name: str | os.PathLike | None = None, *, remote: bool = F
     if not remote:
         from .models import load_model
 
-        lm = load_model(name, **load_kwargs)
-        traced = nnsight.TransformersModel(lm.model, tokenizer=lm.tokenizer, task="text-generation")
-        lm.backend = NNsightBackend(traced, remote=False, progress=bool(progress))
-        return lm
+        return with_nnsight(load_model(name, **load_kwargs), progress=bool(progress))
     if load_kwargs:
         raise ValueError(f"{', '.join(load_kwargs)}: NDIF decides where and in which dtype its models run; "
                          "leave these out with remote=True.")
