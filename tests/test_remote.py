@@ -287,7 +287,9 @@ def test_bundled_model_through_nnsight_equals_the_engine(gemma):
     icl_e, theta_e = tvlab.icl_and_task_vectors(gemma, sets, fmt)
     icl_t, theta_t = tvlab.icl_and_task_vectors(traced, sets, fmt)
     assert icl_t == icl_e
-    torch.testing.assert_close(theta_t, theta_e, atol=1e-4, rtol=1e-4)
+    # Gemma's residual stream reaches ~4e4, so float32 rounding alone moves entries by ~1e-2: compare each θ's
+    # error to its norm (measured: 6e-7, like the engine's own shared-prefix path against its plain path, 4e-7).
+    assert ((theta_t - theta_e).norm(dim=-1) / theta_e.norm(dim=-1)).max() < 1e-5
     queries = [s.query for s in sets]
     sweep_e = tvlab.zero_shot_predictions(gemma, queries, fmt, thetas=theta_e)
     assert torch.equal(tvlab.zero_shot_predictions(traced, queries, fmt, thetas=theta_e), sweep_e)
