@@ -120,6 +120,24 @@ def test_requests_per_task_do_not_grow_with_the_sets(n_test):
     assert "5 nnsight requests" in str(log)
 
 
+def test_requests_survive_serialization_without_tvlab():
+    """nnsight's dry run of the remote path: each request is serialized and run with tvlab's modules hidden, as on NDIF."""
+    engine, traced = _pair()
+    traced.backend.remote = "local"
+    prompts = _prompts(engine)
+    v = torch.randn(engine.d_model, generator=torch.Generator().manual_seed(4)) * 3
+    patches = [None, (1, v), (2, v, -2), None, (3, v), None]
+    want = predict_last(engine, prompts, patches=patches, mode="add", read=True, logits=True)
+    got = predict_last(traced, prompts, patches=patches, mode="add", read=True, logits=True, batch_size=4)
+    assert torch.equal(got.top_ids, want.top_ids)
+    torch.testing.assert_close(got.hidden, want.hidden, atol=1e-5, rtol=1e-5)
+    assert generate_greedy(traced, prompts[0], patches=[(2, v)], stop=None) == \
+        generate_greedy(engine, prompts[0], patches=[(2, v)], stop=None)
+    config = tvlab.ExperimentConfig(n_test=4, n_dev=3, n_baseline=4)
+    pd.testing.assert_frame_equal(tvlab.run_task(traced, "antonyms", config).predictions,
+                                  tvlab.run_task(engine, "antonyms", config).predictions)
+
+
 def test_batch_size_sets_the_traces_of_one_request():
     engine, traced = _pair()
     prompts = _prompts(engine, n_sets=5)   # 10 prompts

@@ -78,10 +78,12 @@ class NNsightBackend:
     """Runs :func:`tvlab.engine.predict_last` and :func:`~tvlab.engine.generate_greedy` through nnsight.
 
     ``model``: an ``nnsight.TransformersModel`` (real weights for local runs, a meta model for
-    NDIF). ``remote``: run each request on NDIF. ``progress``: a tqdm bar that ticks once per request.
+    NDIF). ``remote``: False (run here), True (each request on NDIF), or ``"local"`` (nnsight's dry
+    run of the remote path: each request is serialized, then run here with tvlab's modules hidden,
+    as on the server). ``progress``: a tqdm bar that ticks once per request.
     """
 
-    def __init__(self, model, *, remote: bool = False, progress: bool = False):
+    def __init__(self, model, *, remote: bool | str = False, progress: bool = False):
         self.model = model
         self.remote = remote
         self.progress = progress
@@ -201,7 +203,7 @@ class NNsightBackend:
                             h[rows, position] = h[rows, position] + v if add else v
                     last = model.output.logits[:, -1]  # [batch, vocab]
                     saved.append((last.argmax(-1), torch.stack(reads, 1) if read else None,
-                                  last.detach().float() if logits else None))
+                                  last.detach() if logits else None))
         return list(saved)
 
     def generate_greedy(self, lm: LanguageModel, prompt: Sequence[int], *, patches: Sequence[Patch], mode: str,
