@@ -91,17 +91,18 @@ class NNsightBackend:
         self._bar = None
 
     def __repr__(self) -> str:
-        return f"NNsightBackend({'remote' if self.remote else 'local'}, {self.log})"
+        where = {False: "local", True: "NDIF"}.get(self.remote, self.remote)
+        return f"NNsightBackend({where}, {self.log})"
 
     # ------------------------------------------------------------------ one request
 
     @contextlib.contextmanager
     def _request(self):
         """Around one ``with model.session(...)`` block (nnsight reads that block's own source, so it
-        is written out where it runs): no autograd locally, failures of NDIF as ModelErrors, counting."""
+        is written out where it runs): no autograd graph locally, and failures of NDIF as ModelErrors."""
         try:
             with contextlib.ExitStack() as stack:
-                if not self.remote:  # the server decides how it runs; here no autograd graph is kept
+                if not self.remote:  # the server decides how it runs
                     stack.enter_context(torch.inference_mode())
                 yield
         except ModelError:
@@ -112,14 +113,19 @@ class NNsightBackend:
                                  "status (print(nnsight.status())), then run again; finished tasks of tvlab "
                                  "reproduce are kept.") from e
             raise
+
+    def _done(self, traces: int, sent: int, saved: int) -> None:
+        """Count a finished request (its traces, the bytes of tensors it sent and saved); tick the progress bar."""
         self.log.requests += 1
+        self.log.traces += traces
+        self.log.bytes_sent += sent
+        self.log.bytes_saved += saved
         if self.progress:
             if self._bar is None:
                 from tqdm.auto import tqdm
 
                 self._bar = tqdm(desc="nnsight requests", unit="request")
-            self._bar.set_postfix_str(f"sent {self.log.bytes_sent / 1e6:.1f} MB, "
-                                      f"saved {self.log.bytes_saved / 1e6:.1f} MB")
+            self._bar.set_postfix_str(f"sent {self.log.bytes_sent / 1e6:.1f} MB, saved {self.log.bytes_saved / 1e6:.1f} MB")
             self._bar.update(1)
 
     def _blocks(self, lm: LanguageModel):
@@ -142,7 +148,7 @@ class NNsightBackend:
             raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}.")
         n = len(prompts)
         patches = [None] * n if patches is None else list(patches)
-        chunks = []
+        chunks, sent = [], 0
         for start in range(0, n, batch_size):
             rows = list(range(start, min(start + batch_size, n)))
             ids, mask = _left_pad([prompts[i] for i in rows], lm.tokenizer.pad_token_id)
@@ -151,14 +157,13 @@ class NNsightBackend:
             sites = self._sites(lm, [patches[i] for i in rows], width)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             chunks.append((ids, mask, positions, sites))
-            self.log.bytes_sent += _nbytes(ids, mask, positions, *(v for s in sites.values() for _, _, v in s))
+            sent += _nbytes(ids, mask, positions, *(v for s in sites.values() for _, _, v in s))
         results = self._run(lm, chunks, read, read_position, logits, add=mode == "add")
 
         top = torch.cat([r[0] for r in results]).cpu()
         hidden = torch.cat([r[1] for r in results]).float().cpu() if read else None
         all_logits = torch.cat([r[2] for r in results]).float().cpu() if logits else None
-        self.log.bytes_saved += _nbytes(*(t for r in results for t in r))
-        self.log.traces += len(chunks)
+        self._done(len(chunks), sent, _nbytes(*(t for r in results for t in r)))
         stats.forwards += len(chunks)
         stats.tokens += int(sum(len(p) for p in prompts))
         stats.logit_rows += n
@@ -223,7 +228,6 @@ class NNsightBackend:
                  for layer, items in sites.items()}
         model, blocks, n_layers, add = self.model, self._blocks(lm), lm.n_layers, mode == "add"
         ids = torch.tensor([list(prompt)])
-        self.log.bytes_sent += _nbytes(ids, *(v for s in sites.values() for _, _, v in s))
         with self._request(), model.session(remote=self.remote):
             for _ in range(max_new_tokens):
                 with model.trace(input_ids=ids, logits_to_keep=1):
@@ -238,8 +242,8 @@ class NNsightBackend:
                 ids = torch.cat([ids, token.to(ids.device)], dim=1)
             ids.save()
         tokens = ids[0, n:].tolist()
-        self.log.bytes_saved += _nbytes(ids)
-        self.log.traces += max_new_tokens
+        self._done(max_new_tokens, _nbytes(torch.tensor([list(prompt)]), *(v for s in sites.values() for _, _, v in s)),
+                   _nbytes(ids))
         generated: list[int] = []
         for token in tokens:
             if token == lm.tokenizer.eos_token_id:
@@ -255,7 +259,8 @@ def _is_remote_failure(error: Exception) -> bool:
     from nnsight.intervention.backends.remote import RemoteError
 
     return (isinstance(error, (RemoteError, ConnectionError, TimeoutError))
-            or type(error).__module__.split(".")[0] in ("httpx", "httpcore", "websocket", "websockets"))
+            or type(error).__module__.split(".")[0] in ("httpx", "httpcore", "websocket", "websockets",
+                                                        "huggingface_hub"))  # nnsight names the model via the Hub
 
 
 # ---------------------------------------------------------------------------- loading
@@ -263,6 +268,9 @@ def _is_remote_failure(error: Exception) -> bool:
 def _api_key(nnsight) -> str:
     """The NDIF API key (``$NDIF_API_KEY``, else nnsight's config), or a ModelError saying how to get one."""
     key = os.environ.get("NDIF_API_KEY") or nnsight.CONFIG.API.APIKEY
+    if key and key != nnsight.CONFIG.API.APIKEY:
+        # nnsight read $NDIF_API_KEY when it was imported; a key exported since then wins, as it would have then.
+        nnsight.CONFIG.API.APIKEY = key
     if not key:
         raise ModelError(
             "running on NDIF needs an API key, and none is set. Get one (free, for research) at "
@@ -331,5 +339,5 @@ def load_remote_model(name: str | os.PathLike | None = None, *, remote: bool = F
         raise ModelError(f"cannot fetch the config and tokenizer of {name!r} from the Hugging Face hub: {e}. "
                          "Check your network (and HF_HUB_OFFLINE), and for a gated model accept its licence on "
                          "huggingface.co and log in (hf auth login).") from e
-    return LanguageModel(traced._module, traced.tokenizer, name,
+    return LanguageModel(traced._module, traced.tokenizer, name,  # _module: the torch model nnsight wraps
                          backend=NNsightBackend(traced, remote=True, progress=True if progress is None else progress))
