@@ -106,6 +106,17 @@ def test_task_vectors_and_run_task_equal_the_engine():
     assert got.best_layer == want.best_layer
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_logit_lens_through_the_backend_equals_the_engine(model_type):
+    engine, traced = _pair(model_type)
+    vector = torch.randn(engine.d_model, generator=torch.Generator().manual_seed(5)) * 3
+    want = tvlab.inspect_vectors.vocab_logits(engine, vector)
+    torch.testing.assert_close(tvlab.inspect_vectors.vocab_logits(traced, vector), want, atol=1e-5, rtol=1e-5)
+    assert traced.backend.log.requests == 1
+    assert tvlab.inspect_vectors.top_tokens(traced, vector)["token"].tolist() == \
+        tvlab.inspect_vectors.top_tokens(engine, vector)["token"].tolist()
+
+
 @pytest.mark.parametrize("n_test", [3, 20])
 def test_requests_per_task_do_not_grow_with_the_sets(n_test):
     _, traced = _pair()
