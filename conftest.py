@@ -20,7 +20,7 @@ from _pytest.doctest import DoctestItem  # noqa: E402
 
 
 #: Examples that need a package tvlab itself does not: skipped, saying so, where it is missing.
-NEEDS = {"tvlab.course": "nbgrader"}
+NEEDS = {"tvlab.course": "nbgrader", "tvlab.remote": "nnsight"}
 
 
 @pytest.fixture(scope="session")

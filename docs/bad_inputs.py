@@ -96,6 +96,34 @@ def _cases(tmp: Path):
 
     few = [{"input": "hot", "output": "cold"}, {"input": "big", "output": "small"}]
 
+    def without_nnsight():
+        with mock.patch.dict("sys.modules", {"nnsight": None}):  # import nnsight -> ImportError
+            tvlab.load_model("tiny-llama", backend="nnsight")
+
+    def ndif(answer=None, key: str | None = "key"):
+        """load_model on NDIF with the status endpoint answering ``answer`` (raised if an exception): no network."""
+        import nnsight
+        from nnsight import ndif as nnsight_ndif
+
+        def status(path, *args, **kwargs):
+            if isinstance(answer, Exception):
+                raise answer
+            return {"deployments": answer}
+
+        env = {k: v for k, v in os.environ.items() if k not in ("NDIF_API_KEY", "NDIF_HOST")}
+        with mock.patch.dict(os.environ, {**env, **({"NDIF_API_KEY": key} if key else {})}, clear=True), \
+                mock.patch.object(nnsight.CONFIG.API, "APIKEY", None), \
+                mock.patch.object(nnsight.CONFIG.API, "HOST", "https://api.ndif.us"), \
+                mock.patch.object(nnsight_ndif, "_get", status), contextlib.redirect_stderr(io.StringIO()):
+            tvlab.load_model("meta-llama/Llama-3.1-70B", backend="nnsight", remote=True)
+
+    def unreachable():
+        import httpx
+
+        ndif(httpx.ConnectError("[Errno -3] Temporary failure in name resolution"))
+
+    hosted = {"a": {"repo_id": "openai-community/gpt2", "deployment_level": "HOT"}}
+
     return [
         ("Task", "an unknown task name", lambda: tvlab.get_task("antonym")),
         ("Task", "a task file that is not JSON", lambda: tvlab.load_task(task_file("t.json", "{oops"))),
@@ -126,10 +154,16 @@ def _cases(tmp: Path):
         ("Model", "a block that returns something unexpected", odd_block),
         ("Model", "an unknown dtype", lambda: tvlab.load_model("tiny-llama", dtype="float8")),
         ("Cache", "a cache folder that cannot be written", unwritable_cache),
+        ("Remote", "`backend=\"nnsight\"` without nnsight installed", without_nnsight),
+        ("Remote", "`remote=True` without an NDIF API key (checked before any network call)", lambda: ndif(key=None)),
+        ("Remote", "`remote=True` when NDIF cannot be reached", unreachable),
+        ("Remote", "`remote=True` with a model NDIF does not host", lambda: ndif(hosted)),
+        ("Remote", "`remote=True` with a local model", lambda: tvlab.load_model("tiny-llama", backend="nnsight", remote=True)),
         ("Command line", "`--device cuda` with a CPU-only torch", lambda: cpu_only_torch("--device", "cuda", "--out", str(tmp))),
         ("Command line", "an unknown `--device`", lambda: _command_line("--device", "gpu", "--out", str(tmp))),
         ("Command line", "`--out` naming a file", lambda: _command_line("--out", str(blocker))),
         ("Command line", "a negative `--seed`", lambda: _command_line("--seed", "-5")),
+        ("Command line", "`--remote` without `--backend nnsight`", lambda: _command_line("--remote")),
         ("Command line", "bad task names and a task listed twice (all reported before loading)", lambda: _command_line(
             "--tasks", "antonym,antonyms", "antonyms", str(tmp / "missing.json"), "--out", str(tmp))),
     ]

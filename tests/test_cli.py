@@ -43,3 +43,12 @@ def test_bad_count_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--n-test", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_remote_needs_the_nnsight_backend(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--model", "meta-llama/Llama-3.1-70B", "--remote"])
+    assert "add --backend nnsight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--model", "meta-llama/Llama-3.1-70B", "--backend", "nnsight", "--remote", "--dtype", "float32"])
+    assert "leave out --dtype and --device" in capsys.readouterr().err

@@ -267,3 +267,17 @@ def test_bytes_per_prompt_of_llama_7b_leaves_a_16_gb_gpu_room():
     free = 16 * 2**30 - weights - 2**30  # a 16 GB GPU with the weights and 1 GiB of CUDA context in it
     batch = int(tvlab.engine.MEMORY_SHARE * free) // per_prompt
     assert 4 <= batch <= 32 and weights + batch * per_prompt < 16 * 2**30
+
+
+def test_rows_not_read_are_zeros_and_the_rest_unchanged(tiny):
+    prompts, groups = _prompt_groups(tiny, n_sets=2)
+    want = [i % 2 == 0 for i in range(len(prompts))]
+    some = predict_last(tiny, prompts, groups=groups, read=want)
+    every = predict_last(tiny, prompts, groups=groups, read=True)
+    plain = predict_last_plain(tiny, prompts, read=want)
+    assert torch.equal(some.top_ids, every.top_ids)
+    for i, wanted in enumerate(want):
+        assert torch.equal(some.hidden[i], every.hidden[i]) if wanted else not some.hidden[i].any()
+    torch.testing.assert_close(plain.hidden, some.hidden, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one flag per prompt"):
+        predict_last(tiny, prompts, read=[True])

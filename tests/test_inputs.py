@@ -80,7 +80,7 @@ def test_negative_seed_names_the_option_at_parse_time(no_loading, capsys):
 def test_dtype_defaults_to_the_environment_variable(monkeypatch, tmp_path, capsys):
     seen = []
 
-    def load_model(name, dtype=None, device=None):
+    def load_model(name, dtype=None, device=None, **options):
         seen.append(dtype)
         raise ModelError("stop here")
 

@@ -9,7 +9,7 @@
 Built on Hendel, Geva & Globerson (2023), "In-Context Learning Creates Task Vectors".
 """
 
-from . import beyond, conflicts, explore, geometry, inspect_vectors, paper, plots, reproduce
+from . import beyond, conflicts, explore, geometry, inspect_vectors, paper, plots, remote, reproduce
 from .engine import ForwardStats, predict_last, predict_last_plain
 from .experiments import (ExperimentConfig, TaskRun, category_means, extract_task_vector, icl_and_task_vectors,
                           layer_accuracy, layer_sweep, prepare_task, run_task, summarize, zero_shot_predictions)
@@ -27,7 +27,7 @@ __all__ = [
     "category_means", "extract_task_vector", "get_task", "icl_and_task_vectors", "layer_accuracy", "layer_sweep", "list_tasks",
     "load_model", "load_task", "patch_hidden", "predict_last", "predict_last_plain", "prepare_task", "read_hidden",
     "run_task", "sample_sets", "single_token_filter", "summarize", "tiny_model", "tokenize", "zero_shot_predictions",
-    "beyond", "conflicts", "explore", "geometry", "inspect_vectors", "paper", "plots", "reproduce",
+    "beyond", "conflicts", "explore", "geometry", "inspect_vectors", "paper", "plots", "remote", "reproduce",
 ]
 
 

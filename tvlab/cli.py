@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype; auto: bfloat16 where this CPU/GPU computes it fast, else float32 "
                           "(default: the environment variable TVLAB_DTYPE if set, else float32)")
     rep.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
+    rep.add_argument("--backend", choices=["tvlab", "nnsight"], default="tvlab",
+                     help="what runs the forward passes: tvlab's own engine (default) or nnsight traces "
+                          '(pip install "tvlab[remote]"); same predictions')
+    rep.add_argument("--remote", action="store_true",
+                     help="with --backend nnsight: run on NDIF's hosted copy of --model (a Hugging Face id; needs "
+                          "NDIF_API_KEY, see docs/scaling.md)")
     rep.add_argument("--batch-size", type=_batch_size, default=d.batch_size, metavar="N|auto",
                      help="prompts per forward pass; auto (the default): as many as fit in 60%% of a GPU's free memory, "
                           "256 on a CPU. Lower it if memory runs out")
@@ -110,13 +116,20 @@ def _reproduce(args) -> int:
         _resolve_device(args.device)
     start = time.perf_counter()
     dtype = args.dtype or os.environ.get("TVLAB_DTYPE") or "float32"
-    print(f"Loading {args.model} ({dtype}) ...", file=sys.stderr, flush=True)
-    lm = load_model(None if args.model == DEFAULT_MODEL else args.model, dtype=args.dtype, device=args.device)
+    how = "on NDIF, through nnsight" if args.remote else dtype + (", through nnsight" if args.backend == "nnsight" else "")
+    print(f"Loading {args.model} ({how}) ...", file=sys.stderr, flush=True)
+    backend = None if args.backend == "tvlab" else args.backend
+    lm = load_model(None if args.model == DEFAULT_MODEL else args.model, dtype=args.dtype, device=args.device,
+                    backend=backend, remote=args.remote)
+    if lm.backend is not None:
+        lm.backend.progress = not args.no_progress
     print(f"Loaded {lm} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     results = reproduce.run_main(lm, tasks, config, out=args.out, progress=not args.no_progress, scoring=args.scoring)
+    if lm.backend is not None:
+        print(f"tvlab: {lm.backend.log}", file=sys.stderr)
     print(reproduce.report(results))
-    how = "auto, from free memory" if config.batch_size is None else "--batch-size"
-    print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({how}); "
+    chosen = "auto, from free memory" if config.batch_size is None else "--batch-size"
+    print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({chosen}); "
           f"{results.stats.forwards} forward passes.")
     written = reproduce.save(results, args.out)
     resumed = f" ({len(results.resumed)} tasks resumed from an earlier run)" if results.resumed else ""
@@ -130,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         from .course import main as course_main
 
         return course_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "reproduce" and args.remote and args.backend != "nnsight":
+        parser.error("--remote runs the model on NDIF through nnsight: add --backend nnsight")
+    if args.command == "reproduce" and args.remote and (args.dtype or args.device):
+        parser.error("--remote: NDIF decides the dtype and the devices of its models; leave out --dtype and --device")
     try:
         if args.command == "tasks":
             from .tasks import get_task

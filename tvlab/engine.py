@@ -229,7 +229,7 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
 
 
 def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups: Sequence[int] | None = None,
-                 patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool = False,
+                 patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool | Sequence[bool] = False,
                  read_position: int = -1, logits: bool = False, batch_size: int | None = None,
                  stats: ForwardStats | None = None) -> LastTokenOutput:
     """Next-token argmax at the last position of each prompt, with optional patches and reads.
@@ -237,7 +237,8 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     ``groups``: prompts with equal ids share their common token prefix (run once).
     ``patches[i]``: ``(layer, vector)`` written over prompt i's last-token hidden state at
     that layer, or a list of such pairs at different layers (``mode="add"`` adds them instead). ``read``: also return every
-    block's output at the last token, as it was before any patch of that row at that block.
+    block's output at the last token, as it was before any patch of that row at that block
+    (or one flag per prompt: the rows not read are zeros, and a backend does not send them back).
     ``read_position``: read there instead (counted from the end, like a patch's position).
     ``logits``: also return the last position's logits. ``batch_size`` counts prompts per
     forward pass (a group is never split); None picks it from the device's free memory
@@ -256,13 +257,20 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     if len(groups) != n or len(patches) != n:
         raise ValueError("groups and patches need one entry per prompt.")
     stats = stats if stats is not None else ForwardStats()
-    if lm.backend is not None:
-        return lm.backend.predict_last(lm, prompts, groups=groups, patches=patches, mode=mode, read=read,
-                                       read_position=read_position, logits=logits, batch_size=batch_size, stats=stats)
-
+    if not isinstance(read, bool):
+        read = [bool(r) for r in read]
+        if len(read) != n:
+            raise ValueError("read needs one flag per prompt (or one bool for all).")
     if batch_size is None:
         batch_size = auto_batch_size(lm, width=max(len(p) for p in prompts))
     stats.largest_batch = max(stats.largest_batch, min(batch_size, n))
+    if lm.backend is not None:
+        return lm.backend.predict_last(lm, prompts, groups=groups, patches=patches, mode=mode, read=read,
+                                       read_position=read_position, logits=logits, batch_size=batch_size, stats=stats)
+    unread = None
+    if isinstance(read, list):
+        unread = ~torch.tensor(read)
+        read = not bool(unread.all())
 
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
@@ -315,12 +323,14 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         lone = len(idx) == 1
     if chunk:
         flush()
+    if read and unread is not None:
+        hidden[unread] = 0.0
     return LastTokenOutput(top, hidden, stats, logits=all_logits)
 
 
 @torch.inference_mode()
 def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
-                       patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool = False,
+                       patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool | Sequence[bool] = False,
                        read_position: int = -1, stats: ForwardStats | None = None) -> LastTokenOutput:
     """The reference path: one prompt per forward, full logits, nothing shared or padded."""
     stats = stats if stats is not None else ForwardStats()
@@ -328,6 +338,8 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
         return lm.backend.predict_last(lm, prompts, groups=None, patches=patches, mode=mode, read=read,
                                        read_position=read_position, logits=False, batch_size=1, stats=stats)
     patches = [None] * len(prompts) if patches is None else list(patches)
+    wanted = [read] * len(prompts) if isinstance(read, bool) else [bool(r) for r in read]
+    read = any(wanted)
     tops, hiddens = [], []
     for ids, patch in zip(prompts, patches):
         x = torch.tensor([list(ids)], device=lm.device)
@@ -342,7 +354,11 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
         tops.append(int(logits[0, -1].argmax()))
         if read:
             hiddens.append(rec.hidden[0].float().cpu())
-    return LastTokenOutput(torch.tensor(tops), torch.stack(hiddens) if read else None, stats)
+    hidden = None
+    if read:  # the rows not read are zeros, as in predict_last
+        hidden = torch.stack(hiddens)
+        hidden[~torch.tensor(wanted)] = 0.0
+    return LastTokenOutput(torch.tensor(tops), hidden, stats)
 
 
 def next_token_logits(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, patches: Sequence[RowPatch] | None = None,

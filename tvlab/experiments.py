@@ -123,7 +123,7 @@ def _set_outputs(lm: LanguageModel, n_sets: int, owner: Sequence[int], role: Seq
     return icl, thetas
 
 
-def _forward(lm: LanguageModel, prompts, *, fast: bool, groups=None, patches=None, read: bool = False,
+def _forward(lm: LanguageModel, prompts, *, fast: bool, groups=None, patches=None, read: bool | Sequence[bool] = False,
              batch_size: int | None = None, stats: ForwardStats | None = None):
     if fast:
         return predict_last(lm, prompts, groups=groups, patches=patches, read=read, batch_size=batch_size, stats=stats)
@@ -273,8 +273,9 @@ def run_prepared_task(lm: LanguageModel, task: Task, report: FilterReport, confi
     prompts = dev_ids + test_ids + base_ids
     _check_context(lm, prompts)
     groups = dev_owner + [len(dev) + k for k in test_owner] + list(range(len(dev) + len(test), len(dev) + len(test) + len(base)))
-    out = _forward(lm, prompts, groups=groups, read=True, **engine_args)
     n_dev, n_test = len(dev_ids), len(test_ids)
+    read = [True] * (n_dev + n_test) + [False] * len(base_ids)  # θ comes from the sets; the baseline needs none
+    out = _forward(lm, prompts, groups=groups, read=read, **engine_args)
     _, dev_thetas = _set_outputs(lm, len(dev), dev_owner, dev_role, out.top_ids[:n_dev], out.hidden[:n_dev])
     icl, test_thetas = _set_outputs(lm, len(test), test_owner, test_role, out.top_ids[n_dev:n_dev + n_test],
                                     out.hidden[n_dev:n_dev + n_test])

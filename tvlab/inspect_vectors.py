@@ -24,6 +24,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from .engine import next_token_logits
 from .models import LanguageModel, decode_token
 
 
@@ -32,6 +33,11 @@ def vocab_logits(lm: LanguageModel, vector: torch.Tensor) -> torch.Tensor:
     """Logits over the vocabulary of one hidden state ``[d_model]``: unembed(final_norm(vector))."""
     if vector.shape[-1] != lm.d_model:
         raise ValueError(f"the vector has size {vector.shape[-1]} but {lm.name}'s hidden size is {lm.d_model}.")
+    if lm.backend is not None:
+        # The weights may be elsewhere (NDIF): write the vector over the last block's output of a one-token
+        # prompt; the model's own final norm and unembedding then give these logits (after its final
+        # logit soft-cap, if it has one: the same order of tokens).
+        return next_token_logits(lm, [[lm.tokenizer.pad_token_id]], patches=[(lm.n_layers - 1, vector)])[0]
     h = vector.to(device=lm.device, dtype=lm.dtype).reshape(1, 1, -1)
     return lm.unembed(lm.final_norm(h))[0, 0].float().cpu()
 

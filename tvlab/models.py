@@ -737,7 +737,8 @@ def _load_offline(label: str, dtype: torch.dtype, kwargs: dict):
 
 def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, device_map: str | None = None,
-               weights_dtype: str | torch.dtype | None = None) -> LanguageModel:
+               weights_dtype: str | torch.dtype | None = None, backend: str | None = None,
+               remote: bool = False) -> LanguageModel:
     """Load a causal LM for tvlab.
 
     ``name``: None or ``"gemma-3-270m"`` for the bundled default; ``"smollm2-135m"`` for
@@ -751,8 +752,19 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     memory) with float32 products (float32's speed where bfloat16 is slow); when left out,
     ``TVLAB_WEIGHTS_DTYPE`` decides if set (Binder sets bfloat16), else weights are stored in ``dtype``.
     ``device``: CUDA when present, else CPU. ``device_map="auto"`` spreads a large model over all GPUs
-    (needs accelerate).
+    (needs accelerate). ``backend="nnsight"``: run every forward pass as an nnsight trace
+    (:mod:`tvlab.remote`, ``pip install "tvlab[remote]"``); with ``remote=True`` on NDIF's copy of
+    ``name`` (a Hugging Face id), nothing loaded here but its config and tokenizer.
     """
+    if backend not in (None, "tvlab", "nnsight"):
+        raise ValueError(f"unknown backend {backend!r}; choose 'tvlab' (its own engine, the default) or 'nnsight'.")
+    if remote and backend != "nnsight":
+        raise ValueError("remote=True runs the model on NDIF through nnsight: pass backend='nnsight' as well.")
+    if backend == "nnsight":
+        from .remote import load_remote_model
+
+        given = {"dtype": dtype, "device": device, "device_map": device_map, "weights_dtype": weights_dtype}
+        return load_remote_model(name, remote=remote, **{k: v for k, v in given.items() if v is not None})
     if dtype is None and os.environ.get("TVLAB_DTYPE"):
         dtype = os.environ["TVLAB_DTYPE"]
         if dtype not in _DTYPE_CHOICES:
