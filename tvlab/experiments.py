@@ -141,7 +141,8 @@ def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: Prom
     """
     prompts, owner, role = _set_prompts(lm, sets, fmt, with_icl)
     _check_context(lm, prompts)
-    out = _forward(lm, prompts, fast=fast, groups=owner, read=True, batch_size=batch_size, stats=stats)
+    out = _forward(lm, prompts, fast=fast, groups=owner, read=[r == "dummy" for r in role], batch_size=batch_size,
+                   stats=stats)
     icl, thetas = _set_outputs(lm, len(sets), owner, role, out.top_ids, out.hidden)
     return (icl if with_icl else None), thetas
 
@@ -274,7 +275,7 @@ def run_prepared_task(lm: LanguageModel, task: Task, report: FilterReport, confi
     _check_context(lm, prompts)
     groups = dev_owner + [len(dev) + k for k in test_owner] + list(range(len(dev) + len(test), len(dev) + len(test) + len(base)))
     n_dev, n_test = len(dev_ids), len(test_ids)
-    read = [True] * (n_dev + n_test) + [False] * len(base_ids)  # θ comes from the sets; the baseline needs none
+    read = [r == "dummy" for r in dev_role + test_role] + [False] * len(base_ids)  # θ comes from dummy prompts only
     out = _forward(lm, prompts, groups=groups, read=read, **engine_args)
     _, dev_thetas = _set_outputs(lm, len(dev), dev_owner, dev_role, out.top_ids[:n_dev], out.hidden[:n_dev])
     icl, test_thetas = _set_outputs(lm, len(test), test_owner, test_role, out.top_ids[n_dev:n_dev + n_test],
