@@ -244,7 +244,8 @@ def test_fast_path_on_a_gpu_equals_the_plain_path():
 
 
 def test_auto_batch_size_fills_a_share_of_free_gpu_memory(tiny, monkeypatch):
-    assert tvlab.engine.auto_batch_size(tiny) == tvlab.engine.CPU_BATCH_SIZE  # on a CPU: the fixed size
+    assert tvlab.engine.auto_batch_size(tiny, 8) == tvlab.engine.CPU_BATCH_SIZE  # on a CPU: short prompts, 256
+    assert tvlab.engine.auto_batch_size(tiny, 48) == tvlab.engine.CPU_BATCH_TOKENS // 48  # long ones: a token budget
     per_prompt = tvlab.engine.bytes_per_prompt(tiny, 64)
     monkeypatch.setattr(type(tiny), "device", property(lambda self: torch.device("cuda", 0)))
     for free, want in ((100 * per_prompt, 60), (per_prompt // 2, 1), (10**9 * per_prompt, tvlab.engine.MAX_AUTO_BATCH)):

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "NDIF_API_KEY, see docs/scaling.md)")
     rep.add_argument("--batch-size", type=_batch_size, default=d.batch_size, metavar="N|auto",
                      help="prompts per forward pass; auto (the default): as many as fit in 60%% of a GPU's free memory, "
-                          "256 on a CPU. Lower it if memory runs out")
+                          "on a CPU up to 256 prompts and 6144 tokens. Lower it if memory runs out")
     rep.add_argument("--out", type=_out_folder, default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub.add_parser("tasks", help="list the built-in tasks")

@@ -81,10 +81,11 @@ class LastTokenOutput:
     logits: torch.Tensor | None = None      # [n_prompts, vocab] float32 next-token logits if logits=True
 
 
-#: Prompts per forward pass on a CPU (and Apple's MPS) when ``batch_size`` is None. Larger batches
-#: do not run faster there (measured: 64 to 4096 prompts within noise, benchmarks/bench_overhead.py),
-#: and Binder's 1.8 GB memory figures in the README were measured at this size.
-CPU_BATCH_SIZE = 256
+#: On a CPU (and Apple's MPS), when ``batch_size`` is None: at most this many prompts per forward
+#: pass, and at most :data:`CPU_BATCH_TOKENS` prompt tokens (padding included), which bounds the
+#: memory of a batch of long prompts. Larger batches do not run faster on a CPU (measured: 64 to
+#: 4096 prompts within noise, benchmarks/bench_overhead.py).
+CPU_BATCH_SIZE, CPU_BATCH_TOKENS = 256, 6144
 #: The largest auto batch on a GPU, and the share of its free memory that auto batches may fill.
 MAX_AUTO_BATCH, MEMORY_SHARE = 4096, 0.6
 
@@ -115,10 +116,10 @@ def auto_batch_size(lm: LanguageModel, width: int = 64) -> int:
 
     On a CUDA GPU: as many prompts of ``width`` tokens as fit in :data:`MEMORY_SHARE` of the
     memory free right now (:func:`bytes_per_prompt`), at most :data:`MAX_AUTO_BATCH`, at least 1.
-    Elsewhere :data:`CPU_BATCH_SIZE`.
+    Elsewhere :data:`CPU_BATCH_SIZE` prompts of at most :data:`CPU_BATCH_TOKENS` tokens in all.
     """
     if lm.device.type != "cuda":
-        return CPU_BATCH_SIZE
+        return max(1, min(CPU_BATCH_SIZE, CPU_BATCH_TOKENS // max(width, 1)))
     free, _ = torch.cuda.mem_get_info(lm.device)
     return max(1, min(MAX_AUTO_BATCH, int(MEMORY_SHARE * free) // bytes_per_prompt(lm, width)))
 
