@@ -18,6 +18,7 @@ Printed per checkout: best wall time, forward passes, prompt tokens, forward GFL
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ def _measure() -> dict:
     forward_s = [0.0]
     inner = lm.model.forward
 
+    @functools.wraps(inner)  # keeps the signature the engine inspects (which name the cache argument has)
     def timed(*args, **kwargs):
         t = time.perf_counter()
         try:

@@ -128,7 +128,8 @@ def _reproduce(args) -> int:
     if lm.backend is not None:
         print(f"tvlab: {lm.backend.log}", file=sys.stderr)
     print(reproduce.report(results))
-    chosen = "auto, from free memory" if config.batch_size is None else "--batch-size"
+    chosen = ("--batch-size" if config.batch_size is not None else "auto: from the GPU's free memory"
+              if lm.device.type == "cuda" else "auto: at most 256 prompts and 6144 tokens on a CPU")
     print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({chosen}); "
           f"{results.stats.forwards} forward passes.")
     written = reproduce.save(results, args.out)
