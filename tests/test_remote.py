@@ -90,14 +90,18 @@ def test_greedy_generation_equals_the_engine():
     assert traced.backend.log.requests == 3          # one request per continuation
 
 
+def _task_vectors_both(engine, traced, config, n_sets):
+    """ICL predictions and θ of the same antonyms sets through the engine and through nnsight."""
+    fmt = tvlab.experiments.prompt_format(engine, config)
+    task, _ = tvlab.prepare_task(engine, "antonyms", config)
+    sets = tvlab.sample_sets(task, n_sets, 5, seed=3, n_dummies=2)
+    return fmt, sets, tvlab.icl_and_task_vectors(engine, sets, fmt), tvlab.icl_and_task_vectors(traced, sets, fmt)
+
+
 def test_task_vectors_and_run_task_equal_the_engine():
     engine, traced = _pair()
     config = tvlab.ExperimentConfig(n_test=6, n_dev=5, n_baseline=6)
-    fmt = tvlab.experiments.prompt_format(engine, config)
-    task, _ = tvlab.prepare_task(engine, "antonyms", config)
-    sets = tvlab.sample_sets(task, 4, 5, seed=3, n_dummies=2)
-    icl_e, theta_e = tvlab.icl_and_task_vectors(engine, sets, fmt)
-    icl_t, theta_t = tvlab.icl_and_task_vectors(traced, sets, fmt)
+    _, _, (icl_e, theta_e), (icl_t, theta_t) = _task_vectors_both(engine, traced, config, 4)
     assert icl_t == icl_e
     torch.testing.assert_close(theta_t, theta_e, atol=1e-5, rtol=1e-5)
     want = tvlab.run_task(engine, "antonyms", config)
@@ -321,11 +325,7 @@ def test_cli_remote_without_a_key_fails_before_any_work(ndif, monkeypatch, capsy
 def test_bundled_model_through_nnsight_equals_the_engine(gemma):
     traced = remote.with_nnsight(gemma)
     config = tvlab.ExperimentConfig(n_test=4, n_dev=3, n_baseline=4)
-    fmt = tvlab.experiments.prompt_format(gemma, config)
-    task, _ = tvlab.prepare_task(gemma, "antonyms", config)
-    sets = tvlab.sample_sets(task, 3, 5, seed=3, n_dummies=2)
-    icl_e, theta_e = tvlab.icl_and_task_vectors(gemma, sets, fmt)
-    icl_t, theta_t = tvlab.icl_and_task_vectors(traced, sets, fmt)
+    fmt, sets, (icl_e, theta_e), (icl_t, theta_t) = _task_vectors_both(gemma, traced, config, 3)
     assert icl_t == icl_e
     # Gemma's residual stream reaches ~4e4, so float32 rounding alone moves entries by ~1e-2: compare each θ's
     # error to its norm (measured: 6e-7, like the engine's own shared-prefix path against its plain path, 4e-7).

@@ -217,9 +217,11 @@ def _dev_sets(task: Task, config: ExperimentConfig) -> list[PromptSet]:
     return sample_sets(task, config.n_dev, config.n_demos, config.seed, "dev", config.n_dummies)
 
 
-def _sweep_rows(lm: LanguageModel, task: Task, sets: Sequence[PromptSet], fmt: PromptFormat, engine_args: dict) -> list[dict]:
-    """Task-vector predictions for every set's query at every layer (θ from the set itself)."""
-    _, thetas = icl_and_task_vectors(lm, sets, fmt, with_icl=False, **engine_args)
+def _sweep_rows(lm: LanguageModel, task: Task, sets: Sequence[PromptSet], fmt: PromptFormat, engine_args: dict,
+                thetas: torch.Tensor | None = None) -> list[dict]:
+    """Task-vector predictions for every set's query at every layer (θ from the set itself, or ``thetas``)."""
+    if thetas is None:
+        _, thetas = icl_and_task_vectors(lm, sets, fmt, with_icl=False, **engine_args)
     queries = [s.query for s in sets]
     sweep = zero_shot_predictions(lm, queries, fmt, thetas=thetas, **engine_args)
     rows = []
@@ -281,14 +283,11 @@ def run_prepared_task(lm: LanguageModel, task: Task, report: FilterReport, confi
     icl, test_thetas = _set_outputs(lm, len(test), test_owner, test_role, out.top_ids[n_dev:n_dev + n_test],
                                     out.hidden[n_dev:n_dev + n_test])
 
-    dev_q, test_q = [s.query for s in dev], [s.query for s in test]
-    sweep = zero_shot_predictions(lm, dev_q, fmt, thetas=dev_thetas, **engine_args)
-    rows = []
-    for layer in range(lm.n_layers):
-        rows += _rows(task, lm, "dev", "task_vector", layer, dev_q, sweep[:, layer].tolist())
+    rows = _sweep_rows(lm, task, dev, fmt, engine_args, thetas=dev_thetas)
     dev_acc = pd.DataFrame(rows).groupby("layer")["correct"].mean()
     best = int(dev_acc.idxmax())  # ties -> the earliest layer
 
+    test_q = [s.query for s in test]
     rows += _rows(task, lm, "test", "icl", None, test_q, icl)
     tv = zero_shot_predictions(lm, test_q, fmt, thetas=test_thetas, layers=[best], **engine_args)
     rows += _rows(task, lm, "test", "task_vector", best, test_q, tv[:, 0].tolist())
