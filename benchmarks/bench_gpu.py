@@ -7,7 +7,8 @@ The 7B model has LLaMA-7B's real configuration (32 layers, d_model 4096, 11008 M
 heads, 32k vocabulary) with random bf16 weights: timing needs the shapes, not the training.
 Its prompts use tvlab's small word-level tokenizer, so token counts are close to, not equal
 to, LLaMA's. For each model: wall time, prompt tokens per second, and MFU against this
-GPU's bf16 matmul throughput measured in the same run.
+GPU's bf16 matmul throughput measured in the same run. The 7B shape runs twice: with the
+default blocks of tasks per engine call, and task by task (one task per call), side by side.
 """
 
 from __future__ import annotations
@@ -48,22 +49,26 @@ def _sync(lm) -> None:
         torch.cuda.synchronize()
 
 
-def run(lm, config, tasks, peak: float) -> dict:
-    """The protocol once as a warm-up (one task, small sets), then timed in full."""
+def run(lm, config, tasks, peak: float, tasks_per_call: int | None = None) -> dict:
+    """The protocol once as a warm-up (one task, small sets), then timed in full.
+
+    ``tasks_per_call``: tasks per engine call (None: the default, ``tvlab.experiments.tasks_per_call``).
+    """
     import tvlab
 
+    per_call = tasks_per_call or tvlab.experiments.tasks_per_call(lm, config)
     tvlab.reproduce.run_main(lm, tasks[:1], tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2), progress=False)
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(lm)
-    results = tvlab.reproduce.run_main(lm, tasks, config, progress=False)
+    results = tvlab.reproduce.run_main(lm, tasks, config, progress=False, tasks_per_call=per_call)
     _sync(lm)
     flops = results.stats.flops(lm)
     return {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device),
             "tasks": len(tasks), "seconds": round(results.seconds, 2), "tokens": results.stats.tokens,
             "tokens_per_s": round(results.stats.tokens / results.seconds), "tflop": round(flops / 1e12, 2),
             "mfu": float(f"{flops / results.seconds / peak:.3g}"), "batch_size": results.stats.largest_batch,
-            "forwards": results.stats.forwards,
+            "tasks_per_call": min(per_call, len(tasks)), "forwards": results.stats.forwards,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if lm.device.type == "cuda" else None,
             "means": results.summary[["baseline", "icl", "task_vector"]].mean().round(3).to_dict()}
 
@@ -93,11 +98,11 @@ def plain_vs_fast(lm, tasks, config) -> dict:
 
 def table(results: list[dict], peak: float) -> str:
     lines = [f"bf16 matmul peak measured here: {peak / 1e12:.0f} TFLOP/s",
-             "| model shape | batch size (auto) | forwards | wall | tokens/s | MFU | peak memory |",
-             "|---|---|---|---|---|---|---|"]
+             "| model shape | batch size (auto) | tasks per call | forwards | wall | tokens/s | MFU | peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['forwards']} | {r['seconds']:.1f} s | "
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['tasks_per_call']} | {r['forwards']} | {r['seconds']:.1f} s | "
                      f"{r['tokens_per_s']:,} | {r['mfu']:.1%} | {memory} |")
     return "\n".join(lines)
 
@@ -119,6 +124,7 @@ def main(argv=None) -> dict:
     big = random_llama(TINY if args.dry_run else LLAMA_7B, device, torch.bfloat16,
                        "tiny-llama (dry run)" if args.dry_run else "LLaMA-7B shape (random weights)")
     results.append(run(big, config, tasks, peak))
+    results.append(run(big, config, tasks, peak, tasks_per_call=1))  # task by task, as before blocks of tasks
     compare = plain_vs_fast(big, ["antonyms", "next_letter"],
                             tvlab.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2) if args.dry_run
                             else tvlab.ExperimentConfig(n_test=8, n_dev=8, n_baseline=16))

@@ -13,20 +13,30 @@ import torch  # noqa: E402
 def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     report = bench_gpu.main(["--dry-run", "--out", str(tmp_path / "gpu.json")])
     results = report["results"]
-    assert [r["tasks"] for r in results] == [2, 2]
+    assert [r["tasks"] for r in results] == [2, 2, 2] and [r["tasks_per_call"] for r in results] == [1, 1, 1]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] and 1 <= r["batch_size"] <= 256 for r in results)
     compare = report["plain_vs_fast"]
     assert compare["speedup"] > 0 and 0.5 <= compare["identical"] <= 1 and compare["predictions"] > 0
-    assert f"| tiny-llama (dry run) | {results[0]['batch_size']} |" in bench_gpu.table(results, report["peak_tflops"] * 1e12)
+    assert f"| tiny-llama (dry run) | {results[0]['batch_size']} | 1 |" in bench_gpu.table(results, report["peak_tflops"] * 1e12)
     assert (tmp_path / "gpu.json").exists()
 
 
-def test_overhead_benchmark_measures_the_tiny_model(monkeypatch):
+def test_overhead_benchmark_measures_the_tiny_model(monkeypatch, capsys):
     import bench_overhead
 
-    monkeypatch.setattr(bench_overhead, "_run_in", lambda path: {**FAKE, "wall_s": 2.0 if path != bench_overhead.ROOT else 0.5})
-    best = bench_overhead.main(["--repeats", "1"])
-    assert set(best) == {"this checkout"} and best["this checkout"]["wall_s"] == 0.5
+    calls = []
+
+    def fake_run(path, **run_kwargs):
+        calls.append(run_kwargs)
+        return {**FAKE, "wall_s": 2.0 if path != bench_overhead.ROOT else 0.5}
+
+    monkeypatch.setattr(bench_overhead, "_run_in", fake_run)
+    monkeypatch.setattr(bench_reproduce, "matmul_peak", lambda dtype: 100e9)
+    best = bench_overhead.main(["--repeats", "1", "--tasks-per-call", "18"])
+    assert set(best) == {"this checkout", "18 tasks per call"} and best["this checkout"]["wall_s"] == 0.5
+    assert calls == [{}, {"tasks_per_call": 18}]
+    out = capsys.readouterr().out
+    assert "0.25 s outside forward" in out and "floor of the forward calls at the matmul peak: 0.45 s" in out
 
 
 def test_matmul_peak_is_positive():
@@ -44,4 +54,6 @@ def test_overhead_measurement_runs_the_protocol(monkeypatch):
     monkeypatch.setattr(tvlab, "list_tasks", lambda include_extra=False: ["antonyms", "next_letter", "country_capital", "to_upper"])
     monkeypatch.setattr(tvlab, "ExperimentConfig", lambda: tvlab.experiments.ExperimentConfig(n_test=2, n_dev=2, n_baseline=2))
     result = bench_overhead._measure()
+    together = bench_overhead._measure(tasks_per_call=4)
+    assert together["means"] == result["means"] and together["forwards"] < result["forwards"]
     assert result["forwards"] > 0 and result["tokens"] > 0 and 0 < result["forward_s"] < result["wall_s"]

@@ -270,6 +270,16 @@ def test_bytes_per_prompt_of_llama_7b_leaves_a_16_gb_gpu_room():
     assert 4 <= batch <= 32 and weights + batch * per_prompt < 16 * 2**30
 
 
+def test_tasks_per_call_is_one_on_a_cpu_and_bounded_by_the_reads_on_a_gpu(tiny, monkeypatch):
+    config = tvlab.ExperimentConfig()
+    assert tvlab.experiments.tasks_per_call(tiny, config) == 1
+    monkeypatch.setattr(type(tiny), "device", property(lambda self: torch.device("cuda", 0)))
+    per_task = 350 * tiny.n_layers * tiny.d_model * 4  # 50 dev x 2 dummies, 50 test x 3 prompts, 100 baseline
+    assert tvlab.experiments.tasks_per_call(tiny, config) == tvlab.experiments.READ_BUDGET // per_task
+    monkeypatch.setattr(tvlab.experiments, "READ_BUDGET", per_task - 1)
+    assert tvlab.experiments.tasks_per_call(tiny, config) == 1  # one task per call even when it alone is over
+
+
 def test_rows_not_read_are_zeros_and_the_rest_unchanged(tiny):
     prompts, groups = _prompt_groups(tiny, n_sets=2)
     want = [i % 2 == 0 for i in range(len(prompts))]

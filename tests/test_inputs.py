@@ -163,7 +163,7 @@ def test_unusable_tasks_are_all_reported_before_any_forward_pass(tiny, tmp_path,
     def run_task(*args, **kwargs):
         raise AssertionError("a task was run before every task was checked")
 
-    monkeypatch.setattr(reproduce, "run_prepared_task", run_task)
+    monkeypatch.setattr(reproduce, "run_prepared_tasks", run_task)
     with pytest.raises(TaskError, match=r"2 of the 3 tasks cannot be used, so nothing was run") as e:
         reproduce.run_main(tiny, ["antonyms", phrases, few], SMALL, progress=False)
     assert "phrases: 0/20 pairs kept (their answer is one token); 20 dropped" in str(e.value) and "few: 2/2" in str(e.value)

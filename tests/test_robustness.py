@@ -117,18 +117,25 @@ def test_unknown_tiny_family():
 ARGS = ["reproduce", "--model", "tiny-llama", "--n-test", "3", "--n-dev", "2", "--n-baseline", "3", "--no-progress"]
 
 
-def test_interrupted_reproduce_resumes_finished_tasks(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
-    real_run_task = reproduce.run_prepared_task
+def _interrupted_after_one_call(monkeypatch):
+    """Make run_main's second engine block raise KeyboardInterrupt; returns the names of the tasks run before."""
+    real = reproduce.run_prepared_tasks
     done = []
 
-    def interrupted_after_one(lm, task, report, config, stats=None):
+    def interrupted(lm, prepared, config, stats=None):
         if done:
             raise KeyboardInterrupt
-        done.append(task.name)
-        return real_run_task(lm, task, report, config, stats=stats)
+        done.extend(task.name for task, _ in prepared)
+        return real(lm, prepared, config, stats=stats)
 
-    monkeypatch.setattr(reproduce, "run_prepared_task", interrupted_after_one)
+    monkeypatch.setattr(reproduce, "run_prepared_tasks", interrupted)
+    return done
+
+
+def test_interrupted_reproduce_resumes_finished_tasks(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real = reproduce.run_prepared_tasks
+    _interrupted_after_one_call(monkeypatch)
     assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not (out / "main_results.csv").exists()
@@ -136,12 +143,32 @@ def test_interrupted_reproduce_resumes_finished_tasks(tmp_path, monkeypatch, cap
     assert [p.stem for p in partial] == ["antonyms"]  # the finished task, complete
     assert not list((out / ".partial").glob("*/.*.tmp"))  # no half-written file
 
-    monkeypatch.setattr(reproduce, "run_prepared_task", real_run_task)
+    monkeypatch.setattr(reproduce, "run_prepared_tasks", real)
     assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(out)]) == 0
     assert "1 tasks resumed" in capsys.readouterr().out
     fresh = tmp_path / "fresh"
     assert main(ARGS + ["--tasks", "antonyms", "next_letter", "--out", str(fresh)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), pd.read_csv(fresh / "predictions.csv"))
+
+
+def test_tasks_run_together_are_saved_together_and_give_the_same_predictions(tiny, tmp_path, monkeypatch):
+    tasks, config = ["antonyms", "next_letter", "country_capital"], tvlab.ExperimentConfig(n_test=4, n_dev=3, n_baseline=4)
+    one_by_one = reproduce.run_main(tiny, tasks, config, progress=False, tasks_per_call=1)
+    assert one_by_one.stats.forwards == 3 * reproduce.run_main(tiny, tasks[:1], config, progress=False).stats.forwards
+    together = reproduce.run_main(tiny, tasks, config, progress=False, tasks_per_call=3)
+    assert together.stats.forwards < one_by_one.stats.forwards
+    pd.testing.assert_frame_equal(together.predictions, one_by_one.predictions)
+
+    done = _interrupted_after_one_call(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_main(tiny, tasks, config, out=tmp_path, progress=False, tasks_per_call=2)
+    assert done == tasks[:2] and sorted(p.stem for p in tmp_path.glob(".partial/*/*.csv")) == sorted(tasks[:2])
+    monkeypatch.undo()
+    resumed = reproduce.run_main(tiny, tasks, config, out=tmp_path, progress=False, tasks_per_call=2)
+    assert resumed.resumed == tasks[:2]
+    pd.testing.assert_frame_equal(resumed.predictions, one_by_one.predictions)
+    with pytest.raises(ValueError, match="tasks_per_call must be a whole number >= 1"):
+        reproduce.run_main(tiny, tasks, config, progress=False, tasks_per_call=0)
 
 
 def test_runs_with_different_settings_never_mix(tiny):

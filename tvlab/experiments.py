@@ -169,14 +169,20 @@ def zero_shot_predictions(lm: LanguageModel, queries: Sequence[Pair], fmt: Promp
     if thetas is None:
         return _forward(lm, base, fast=fast, batch_size=batch_size, stats=stats).top_ids
     layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(layer) for layer in layers]
+    prompts, groups, patches = _patched(base, thetas, layers)
+    out = _forward(lm, prompts, fast=fast, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
+    return out.top_ids.view(len(queries), len(layers))
+
+
+def _patched(base: Sequence[tuple[int, ...]], thetas: torch.Tensor, layers: Sequence[int]):
+    """Prompt ``i`` of ``base`` once per layer, patched there with ``thetas[i, layer]``; the copies form group ``i``."""
     prompts, groups, patches = [], [], []
     for i, ids in enumerate(base):
         for layer in layers:
             prompts.append(ids)
             groups.append(i)
             patches.append((layer, thetas[i, layer]))
-    out = _forward(lm, prompts, fast=fast, groups=groups, patches=patches, batch_size=batch_size, stats=stats)
-    return out.top_ids.view(len(queries), len(layers))
+    return prompts, groups, patches
 
 
 # --------------------------------------------------------------------------- one task, end to end
@@ -217,15 +223,18 @@ def _dev_sets(task: Task, config: ExperimentConfig) -> list[PromptSet]:
     return sample_sets(task, config.n_dev, config.n_demos, config.seed, "dev", config.n_dummies)
 
 
-def _sweep_rows(lm: LanguageModel, task: Task, sets: Sequence[PromptSet], fmt: PromptFormat, engine_args: dict,
-                thetas: torch.Tensor | None = None) -> list[dict]:
-    """Task-vector predictions for every set's query at every layer (θ from the set itself, or ``thetas``)."""
-    if thetas is None:
-        _, thetas = icl_and_task_vectors(lm, sets, fmt, with_icl=False, **engine_args)
+def _sweep_rows(lm: LanguageModel, task: Task, sets: Sequence[PromptSet], fmt: PromptFormat,
+                engine_args: dict) -> list[dict]:
+    """Task-vector predictions for every set's query at every layer, θ from the set itself."""
+    _, thetas = icl_and_task_vectors(lm, sets, fmt, with_icl=False, **engine_args)
     queries = [s.query for s in sets]
-    sweep = zero_shot_predictions(lm, queries, fmt, thetas=thetas, **engine_args)
+    return _layer_rows(lm, task, queries, zero_shot_predictions(lm, queries, fmt, thetas=thetas, **engine_args))
+
+
+def _layer_rows(lm: LanguageModel, task: Task, queries: Sequence[Pair], sweep: torch.Tensor) -> list[dict]:
+    """The dev rows of a sweep: ``sweep[i, layer]`` is query i's prediction when patched at that layer."""
     rows = []
-    for layer in range(lm.n_layers):
+    for layer in range(sweep.shape[1]):
         rows += _rows(task, lm, "dev", "task_vector", layer, queries, sweep[:, layer].tolist())
     return rows
 
@@ -263,38 +272,135 @@ def run_prepared_task(lm: LanguageModel, task: Task, report: FilterReport, confi
     2. the layer sweep: each dev query patched with its own set's θ at every layer;
     3. each test query patched with its own set's θ at the best dev layer.
     """
-    stats = stats if stats is not None else ForwardStats()
-    fmt = prompt_format(lm, config)
-    engine_args = {"batch_size": config.batch_size, "stats": stats, "fast": config.fast_path}
+    return run_prepared_tasks(lm, [(task, report)], config, stats)[0]
+
+
+@dataclass
+class _Plan:
+    """One task's sets and the token ids of its prompts, before any forward pass."""
+
+    task: Task
+    report: FilterReport
+    dev: list[PromptSet]
+    test: list[PromptSet]
+    base: list[Pair]               # the baseline's queries
+    sets: list[tuple[int, ...]]    # dev then test set prompts (see _set_prompts), then the baseline prompts
+    owner: list[int]               # the set of each dev and test prompt: dev sets 0.., test sets len(dev)..
+    role: list[str]
+    dev_zero: list[tuple[int, ...]]   # zero-shot prompts of the dev queries (the sweep)
+    test_zero: list[tuple[int, ...]]  # and of the test queries (the task vector on test)
+
+    def groups(self) -> list[int]:
+        """Pass 1's groups: a set's prompts share its demonstrations; each baseline prompt is alone."""
+        n_sets = len(self.dev) + len(self.test)
+        return self.owner + list(range(n_sets, n_sets + len(self.base)))
+
+
+def _plan(lm: LanguageModel, task: Task, report: FilterReport, config: ExperimentConfig, fmt: PromptFormat) -> _Plan:
     dev = _dev_sets(task, config)
     test = sample_sets(task, config.n_test, config.n_demos, config.seed, "test", config.n_dummies)
     base = [s.query for s in sample_sets(task, config.n_baseline, 0, config.seed, "baseline")]
+    if config.n_dummies < 1:
+        raise ValueError("extracting a task vector needs at least one dummy query per set (n_dummies >= 1).")
+    items, owner, role = [], [], []
+    for k, s in enumerate(dev + test):
+        for what, q in ([("icl", s.query)] if k >= len(dev) else []) + [("dummy", d) for d in s.dummies]:
+            items.append((s.demos, q.input))
+            owner.append(k)
+            role.append(what)
+    zero = [((), q.input) for q in [s.query for s in dev] + [s.query for s in test] + base]
+    ids = prompt_ids(lm.tokenizer, fmt, items + zero)  # one tokenizer call for every prompt of the task
+    n, n_dev = len(items), len(dev)
+    return _Plan(task, report, dev, test, base, ids[:n] + ids[n + n_dev + len(test):], owner, role,
+                 ids[n:n + n_dev], ids[n + n_dev:n + n_dev + len(test)])
 
-    dev_ids, dev_owner, dev_role = _set_prompts(lm, dev, fmt, with_icl=False)
-    test_ids, test_owner, test_role = _set_prompts(lm, test, fmt, with_icl=True)
-    base_ids = prompt_ids(lm.tokenizer, fmt, [((), q.input) for q in base])
-    prompts = dev_ids + test_ids + base_ids
-    _check_context(lm, prompts)
-    groups = dev_owner + [len(dev) + k for k in test_owner] + list(range(len(dev) + len(test), len(dev) + len(test) + len(base)))
-    n_dev, n_test = len(dev_ids), len(test_ids)
-    read = [r == "dummy" for r in dev_role + test_role] + [False] * len(base_ids)  # θ comes from dummy prompts only
-    out = _forward(lm, prompts, groups=groups, read=read, **engine_args)
-    _, dev_thetas = _set_outputs(lm, len(dev), dev_owner, dev_role, out.top_ids[:n_dev], out.hidden[:n_dev])
-    icl, test_thetas = _set_outputs(lm, len(test), test_owner, test_role, out.top_ids[n_dev:n_dev + n_test],
-                                    out.hidden[n_dev:n_dev + n_test])
 
-    rows = _sweep_rows(lm, task, dev, fmt, engine_args, thetas=dev_thetas)
-    dev_acc = pd.DataFrame(rows).groupby("layer")["correct"].mean()
-    best = int(dev_acc.idxmax())  # ties -> the earliest layer
+def _call(lm: LanguageModel, parts: Sequence[tuple[list, list[int], list]], engine_args: dict, read=False):
+    """One engine call over several tasks' prompts: ``parts`` holds (prompts, groups, patches or reads) per task;
+    group ids are made distinct across tasks. Returns the output and where each task's rows start."""
+    prompts, groups, extra, starts = [], [], [], [0]
+    for ids, grp, more in parts:
+        offset = max(groups, default=-1) + 1
+        prompts += ids
+        groups += [offset + g for g in grp]
+        extra += more
+        starts.append(len(prompts))
+    if read:
+        out = _forward(lm, prompts, groups=groups, read=extra, **engine_args)
+    else:
+        out = _forward(lm, prompts, groups=groups, patches=extra, **engine_args)
+    return out, starts
 
-    test_q = [s.query for s in test]
-    rows += _rows(task, lm, "test", "icl", None, test_q, icl)
-    tv = zero_shot_predictions(lm, test_q, fmt, thetas=test_thetas, layers=[best], **engine_args)
-    rows += _rows(task, lm, "test", "task_vector", best, test_q, tv[:, 0].tolist())
-    rows += _rows(task, lm, "test", "baseline", None, base, out.top_ids[n_dev + n_test:].tolist())
-    predictions = pd.DataFrame(rows)
-    predictions["layer"] = predictions["layer"].astype("Int64")
-    return TaskRun(task.name, task.category, predictions, report, best, config, stats)
+
+#: On a GPU, :func:`tvlab.reproduce.run_main` runs as many tasks per engine call as keep the task
+#: vectors read back to the host under this many bytes.
+READ_BUDGET = 2 * 2**30
+
+
+def tasks_per_call(lm: LanguageModel, config: ExperimentConfig) -> int:
+    """How many tasks :func:`tvlab.reproduce.run_main` runs together (:func:`run_prepared_tasks`).
+
+    On a CUDA GPU: as many as keep the hidden states read back (float32, every layer, for each
+    set and baseline prompt) under :data:`READ_BUDGET`, e.g. 11 tasks of LLaMA-7B's shape or all
+    of Gemma 3 270M's with the default settings. Elsewhere 1: a CPU's batches are full with one
+    task already, and a remote request per task keeps each request small.
+    """
+    if lm.device.type != "cuda" or lm.backend is not None:
+        return 1
+    prompts = config.n_dev * config.n_dummies + config.n_test * (1 + config.n_dummies) + config.n_baseline
+    return max(1, READ_BUDGET // (prompts * lm.n_layers * lm.d_model * 4))
+
+
+def run_prepared_tasks(lm: LanguageModel, prepared: Sequence[tuple[Task, FilterReport]], config: ExperimentConfig,
+                       stats: ForwardStats | None = None) -> list[TaskRun]:
+    """:func:`run_prepared_task` on several tasks at once, in three engine calls however many tasks.
+
+    Each call holds every task's prompts of that step, so a GPU runs few, large batches
+    instead of three calls' worth of small ones per task (:func:`tvlab.reproduce.run_main`
+    runs blocks of tasks this way on a GPU). The predictions are those of one task at a time.
+    """
+    stats = stats if stats is not None else ForwardStats()
+    fmt = prompt_format(lm, config)
+    engine_args = {"batch_size": config.batch_size, "stats": stats, "fast": config.fast_path}
+    plans = [_plan(lm, task, report, config, fmt) for task, report in prepared]
+    _check_context(lm, [ids for plan in plans for ids in plan.sets])
+
+    # 1. Every set prompt and baseline prompt; θ is read from the dummy prompts only.
+    out, starts = _call(lm, [(plan.sets, plan.groups(), [r == "dummy" for r in plan.role] + [False] * len(plan.base))
+                             for plan in plans], engine_args, read=True)
+    thetas, icl, baseline = [], [], []
+    for plan, a in zip(plans, starts):
+        n_sets, n_prompts = len(plan.dev) + len(plan.test), len(plan.owner)
+        ids, theta = _set_outputs(lm, n_sets, plan.owner, plan.role, out.top_ids[a:a + n_prompts],
+                                  out.hidden[a:a + n_prompts])
+        thetas.append(theta)
+        icl.append(ids[len(plan.dev):])
+        baseline.append(out.top_ids[a + n_prompts:a + n_prompts + len(plan.base)].tolist())
+
+    # 2. The layer sweep: each dev query patched with its own set's θ at every layer.
+    layers = list(range(lm.n_layers))
+    out, starts = _call(lm, [_patched(plan.dev_zero, theta[:len(plan.dev)], layers) for plan, theta in zip(plans, thetas)],
+                        engine_args)
+    sweeps, best = [], []
+    for plan, a in zip(plans, starts):
+        sweep = out.top_ids[a:a + len(plan.dev) * len(layers)].view(len(plan.dev), len(layers))
+        rows = _layer_rows(lm, plan.task, [s.query for s in plan.dev], sweep)
+        sweeps.append(rows)
+        best.append(int(pd.DataFrame(rows).groupby("layer")["correct"].mean().idxmax()))  # ties -> the earliest layer
+
+    # 3. Each test query patched with its own set's θ at its task's best dev layer.
+    out, starts = _call(lm, [_patched(plan.test_zero, theta[len(plan.dev):], [layer])
+                             for plan, theta, layer in zip(plans, thetas, best)], engine_args)
+    runs = []
+    for plan, a, rows, layer, icl_ids, base_ids in zip(plans, starts, sweeps, best, icl, baseline):
+        test_q = [s.query for s in plan.test]
+        rows = rows + _rows(plan.task, lm, "test", "icl", None, test_q, icl_ids)
+        rows += _rows(plan.task, lm, "test", "task_vector", layer, test_q, out.top_ids[a:a + len(test_q)].tolist())
+        rows += _rows(plan.task, lm, "test", "baseline", None, plan.base, base_ids)
+        predictions = pd.DataFrame(rows)
+        predictions["layer"] = predictions["layer"].astype("Int64")
+        runs.append(TaskRun(plan.task.name, plan.task.category, predictions, plan.report, layer, config, stats))
+    return runs
 
 
 # --------------------------------------------------------------------------- tables

@@ -119,7 +119,34 @@ def prompt_ids(tokenizer, fmt: PromptFormat, items: Sequence[tuple[Sequence[Pair
     """
     if not items:
         return []
-    return [tuple(ids) for ids in tokenizer([fmt.render(demos, query) for demos, query in items]).input_ids]
+    return [tuple(ids) for ids in encode_batch(tokenizer, [fmt.render(demos, query) for demos, query in items])]
+
+
+def encode_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """``tokenizer(texts).input_ids``, about twice as fast for a fast (Rust) tokenizer.
+
+    A fast tokenizer's Rust core encodes the batch directly, without the character offsets
+    and the Python objects the wrapper builds. The first batch of each tokenizer is also
+    encoded the usual way and compared: where a tokenizer does something of its own in Python
+    the ids differ, and that tokenizer keeps the usual path.
+    """
+    core = getattr(tokenizer, "_tokenizer", None)
+    texts = list(texts)
+    if not texts or not hasattr(core, "encode_batch_fast"):
+        return tokenizer(texts).input_ids
+    trusted = getattr(tokenizer, "_tvlab_fast_encode", None)
+    if trusted is False:
+        return tokenizer(texts).input_ids
+    ids = [e.ids for e in core.encode_batch_fast(texts)]
+    if trusted is None:
+        trusted = ids[:8] == tokenizer(texts[:8]).input_ids
+        try:
+            tokenizer._tvlab_fast_encode = trusted
+        except AttributeError:  # a tokenizer that takes no new attributes: check every batch
+            pass
+        if not trusted:
+            return tokenizer(texts).input_ids
+    return ids
 
 
 def _n_special_prefix(tokenizer) -> int:
@@ -188,8 +215,8 @@ def answer_token_counts(tokenizer, fmt: PromptFormat, pairs: Sequence[Pair]) -> 
     """
     queries = [fmt.prefix + fmt.query(p.input) for p in pairs]
     fulls = [fmt.prefix + fmt.demo(p.input, p.output) for p in pairs]
-    q_ids = tokenizer(queries).input_ids
-    f_ids = tokenizer(fulls).input_ids
+    q_ids = encode_batch(tokenizer, queries)
+    f_ids = encode_batch(tokenizer, fulls)
     return [len(f) - len(q) if f[: len(q)] == q else -1 for q, f in zip(q_ids, f_ids)]
 
 

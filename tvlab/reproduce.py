@@ -35,9 +35,9 @@ from typing import Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import paper
+from . import experiments, paper
 from .engine import ForwardStats
-from .experiments import ExperimentConfig, category_means, layer_accuracy, prepare_task, run_prepared_task, summarize
+from .experiments import ExperimentConfig, category_means, layer_accuracy, prepare_task, run_prepared_tasks, summarize
 from .models import LanguageModel
 from .prompts import FilterReport
 from .tasks import CATEGORIES, Scoring, Task, TaskError, get_task, is_task_file, load_task
@@ -167,35 +167,52 @@ def prepare_tasks(lm: LanguageModel, tasks: Sequence[Task], config: ExperimentCo
 
 
 def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentConfig | None = None,
-             out: str | Path | None = None, progress: bool = True, scoring: Scoring = "exact") -> MainResults:
+             out: str | Path | None = None, progress: bool = True, scoring: Scoring = "exact",
+             tasks_per_call: int | None = None) -> MainResults:
     """Run :func:`tvlab.run_task` on every task; with ``out``, resume finished tasks.
 
     Every task is loaded and filtered first, so an unusable one stops the run before any
     work, with all such tasks in one error. ``scoring`` applies to task files.
+    ``tasks_per_call``: tasks run together, three engine calls per block of them (None:
+    :func:`tvlab.experiments.tasks_per_call`, 1 on a CPU); the predictions do not depend on it,
+    and with ``out`` each task is saved as soon as its block is done.
     """
     config = config or ExperimentConfig()
     resolved = resolve_tasks(tasks, scoring)
     prepared = prepare_tasks(lm, resolved, config)
-    stats, frames, counts, resumed = ForwardStats(), [], [], []
-    start = time.perf_counter()
-    bar = tqdm(list(zip(resolved, prepared)), desc="tasks", unit="task", disable=not progress)
-    for task, (usable, filter_report) in bar:
-        bar.set_postfix_str(task.name)
+    if tasks_per_call is None:
+        tasks_per_call = experiments.tasks_per_call(lm, config)
+    if not isinstance(tasks_per_call, int) or tasks_per_call < 1:
+        raise ValueError(f"tasks_per_call must be a whole number >= 1 or None, got {tasks_per_call!r}.")
+    stats, start = ForwardStats(), time.perf_counter()
+    done: dict[str, tuple[pd.DataFrame, dict]] = {}
+    todo = []
+    for task, (usable, filter_report) in zip(resolved, prepared):
         partial = Path(out) / ".partial" / settings_key(lm, config, task) / f"{task.name}.csv" if out else None
         if partial is not None and partial.exists():
             predictions = pd.read_csv(partial, keep_default_na=False, na_values={"layer": [""]},
                                       dtype={"query": str, "expected": str, "predicted": str})
             predictions["layer"] = predictions["layer"].astype("Int64")
-            meta = json.loads(partial.with_suffix(".json").read_text())
-            resumed.append(task.name)
+            done[task.name] = predictions, json.loads(partial.with_suffix(".json").read_text())
         else:
-            predictions = run_prepared_task(lm, usable, filter_report, config, stats=stats).predictions
-            meta = {"kept": filter_report.kept, "total": filter_report.total}
+            todo.append((usable, filter_report, partial))
+    resumed = [task.name for task in resolved if task.name in done]
+    bar = tqdm(total=len(resolved), initial=len(resumed), desc="tasks", unit="task", disable=not progress)
+    for b in range(0, len(todo), tasks_per_call):
+        block = todo[b:b + tasks_per_call]
+        bar.set_postfix_str(", ".join(task.name for task, _, _ in block))
+        runs = run_prepared_tasks(lm, [(task, report) for task, report, _ in block], config, stats=stats)
+        for (task, report, partial), run in zip(block, runs):
+            meta = {"kept": report.kept, "total": report.total}
             if partial is not None:
                 _write_atomic(partial.with_suffix(".json"), json.dumps(meta))
-                _write_atomic(partial, predictions.to_csv(index=False))  # written last: marks the task done
-        frames.append(predictions)
-        counts.append({"task": task.name, "pairs": meta["total"], "single_token": meta["kept"]})
+                _write_atomic(partial, run.predictions.to_csv(index=False))  # written last: marks the task done
+            done[task.name] = run.predictions, meta
+        bar.update(len(block))
+    bar.close()
+    frames = [done[task.name][0] for task in resolved]
+    counts = [{"task": task.name, "pairs": done[task.name][1]["total"], "single_token": done[task.name][1]["kept"]}
+              for task in resolved]
     predictions = pd.concat(frames, ignore_index=True)
     summary = summarize(predictions, ci=True).merge(pd.DataFrame(counts), on="task")
     return MainResults(predictions, summary, layer_accuracy(predictions), category_means(summary),
