@@ -61,3 +61,32 @@ def test_filter_report_says_what_was_dropped_and_what_prefix_scoring_keeps(tiny)
     strict = tvlab.get_task("country_capital").with_scoring("exact")
     assert strict.scoring == "exact" and not strict.score("Lux", tvlab.Pair("Luxembourg", "Luxembourg City"))
     assert tvlab.get_task("country_capital").score("Lux", tvlab.Pair("Luxembourg", "Luxembourg City"))
+
+
+@pytest.mark.parametrize("which", ["tiny", "gemma"])
+def test_batched_fast_encoding_gives_the_tokenizers_own_ids(which, request):
+    from tvlab.prompts import encode_batch, prompt_ids
+
+    tokenizer = request.getfixturevalue(which).tokenizer
+    fmt = FORMATS["paper"]
+    sets = sample_sets(tvlab.get_task("country_capital"), n_sets=20, n_demos=5, seed=3, n_dummies=1)
+    texts = [fmt.render(s.demos, s.query.input) for s in sets] + ["", " spaces  and\ttabs\n", "ünïcödé ->"]
+    assert encode_batch(tokenizer, texts) == tokenizer(texts).input_ids
+    items = [(s.demos, s.query.input) for s in sets]
+    assert prompt_ids(tokenizer, fmt, items) == [tokenize(tokenizer, fmt, d, q).ids for d, q in items]
+
+
+def test_a_tokenizer_whose_fast_encoding_differs_keeps_its_own(tiny):
+    from transformers import PreTrainedTokenizerFast
+
+    from tvlab.prompts import encode_batch
+
+    class Lowercasing(PreTrainedTokenizerFast):  # does something in Python the Rust core does not know
+        def __call__(self, text, **kwargs):
+            return super().__call__([t.lower() for t in text] if isinstance(text, list) else text.lower(), **kwargs)
+
+    tokenizer = Lowercasing(tokenizer_object=tiny.tokenizer._tokenizer, bos_token="<bos>", pad_token="<pad>")
+    texts = ["Big->small", "HOT->cold"]
+    assert encode_batch(tokenizer, texts) == tokenizer(texts).input_ids != [e.ids for e in tokenizer._tokenizer.encode_batch(texts)]
+    assert tokenizer._tvlab_fast_encode is False
+    assert encode_batch(tokenizer, texts[:1]) == tokenizer(texts[:1]).input_ids
