@@ -292,3 +292,19 @@ def test_rows_not_read_are_zeros_and_the_rest_unchanged(tiny):
     torch.testing.assert_close(plain.hidden, some.hidden, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="one flag per prompt"):
         predict_last(tiny, prompts, read=[True])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_last_position_attention_rows_are_each_blocks_weights(family):
+    lm = tvlab.tiny_model(family)
+    ids = lm.tokenizer("example:hot->cold\nexample:big->").input_ids
+    before = lm.model.config._attn_implementation
+    attention = tvlab.engine.last_position_attention(lm, ids)
+    assert attention.shape == (lm.n_layers, len(ids)) and attention.dtype == torch.float32
+    torch.testing.assert_close(attention.sum(-1), torch.ones(lm.n_layers))
+    assert lm.model.config._attn_implementation == before  # the model's own attention is back
+    # the weights come from this prompt: another prompt of the same length reads differently
+    other = lm.tokenizer("example:up->down\nexample:low->").input_ids
+    assert len(other) == len(ids) and not torch.equal(tvlab.engine.last_position_attention(lm, other), attention)
+    with pytest.raises(ValueError, match="no tokens"):
+        tvlab.engine.last_position_attention(lm, [])

@@ -3,8 +3,10 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 import tvlab  # noqa: E402
 
@@ -51,3 +53,20 @@ def test_layer_curves_band_and_category_panels():
     assert [ax.get_title() for ax in fig.axes] == ["algorithmic", "translation", "linguistic", "knowledge"]
     labels = {t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()}
     assert {"next_letter", "fr_en", "person_language", "mean (95 % CI)"} <= labels  # every thin line is named
+
+
+def test_model_anatomy_draws_each_position_and_the_blocks_attention(tiny):
+    ids = tiny.tokenizer("example:hot->cold\nexample:big->").input_ids
+    tokens = [tiny.tokenizer.decode([i]) for i in ids]
+    attention = tvlab.engine.last_position_attention(tiny, ids)
+    fig = tvlab.plots.model_anatomy(tiny, tokens, attention, block=2, answer=" small")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "->\n" + str(len(ids) - 1)
+    lines = [a for a in ax.texts if getattr(a, "arrow_patch", None) is not None and a.get_text() == ""]
+    assert len(lines) == len(ids)  # one red line per position, as wide as its weight
+    widths = [a.arrow_patch.get_linewidth() for a in lines]
+    assert widths.index(max(widths)) == int(attention[2].argmax())
+    assert "reads layer 1" in " ".join(t.get_text() for t in ax.texts) and "d_model = 64" in ax.get_title()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="block must be between 1 and 3"):
+        tvlab.plots.model_anatomy(tiny, tokens, attention, block=0, answer=" small")

@@ -1,6 +1,6 @@
 """The one place where tvlab runs the model. Everything else calls :func:`predict_last`,
-:func:`next_token_logits` or :func:`generate_greedy`; the rules they keep are written down
-in ``docs/engine.md``.
+:func:`next_token_logits`, :func:`generate_greedy` or :func:`last_position_attention`; the
+rules they keep are written down in ``docs/engine.md``.
 
 >>> lm = tvlab.load_model("tiny-llama")     # 4 layers, d_model 64; tvlab.load_model() loads Gemma 3 270M
 >>> texts = ["example:hot->cold\\nexample:big->", "example:hot->cold\\nexample:up->", "example:big->"]
@@ -366,6 +366,30 @@ def next_token_logits(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, pa
                       mode: str = "replace", batch_size: int | None = None) -> torch.Tensor:
     """The last position's next-token logits of each prompt: ``[n_prompts, vocab]``, float32, on the CPU."""
     return predict_last(lm, prompts, patches=patches, mode=mode, logits=True, batch_size=batch_size).logits
+
+
+@torch.inference_mode()
+def last_position_attention(lm: LanguageModel, prompt: Sequence[int]) -> torch.Tensor:
+    """What the last position attends to in every block: ``[n_layers, n_positions]``, float32, on the CPU.
+
+    Row ``L`` holds block L's attention weights from the last position over every position
+    (the mean of its heads; each row sums to 1): what it reads of the layer L-1 states (of the
+    embeddings for block 0). The model runs once with eager attention, the only kind that
+    returns its weights, and gets its own attention back afterwards.
+    """
+    if len(prompt) == 0:
+        raise ValueError("the prompt has no tokens.")
+    if lm.backend is not None:
+        raise ValueError(f"attention weights are read from the model's own modules; {lm.name} runs through a "
+                         f"{type(lm.backend).__name__}: load it without a backend to read them.")
+    ids = torch.tensor([list(prompt)], device=lm.device)
+    before = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        out = lm.model(input_ids=ids, output_attentions=True, logits_to_keep=1)
+    finally:
+        lm.model.set_attn_implementation(before)
+    return torch.stack([a[0, :, -1].float().mean(0) for a in out.attentions]).cpu()
 
 
 def _cache_of(out):

@@ -184,3 +184,41 @@ def task_scatter(emb: pd.DataFrame, title: str | None = None, ax: plt.Axes | Non
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def model_anatomy(lm, tokens: list[str], attention, block: int, answer: str) -> matplotlib.figure.Figure:
+    """Positions x layers of one prompt: a square per hidden state, a line per residual stream, and the
+    last position's attention in ``block`` as red lines as wide as their weights.
+
+    ``tokens``: the prompt's tokens, decoded; ``attention``: :func:`tvlab.engine.last_position_attention`
+    of the same prompt; ``answer``: the predicted next token, written above the last position.
+    """
+    n, L = len(tokens), lm.n_layers
+    if not 1 <= block < L:
+        raise ValueError(f"block must be between 1 and {L - 1} (it reads the layer below it), got {block}.")
+    fig, ax = plt.subplots(figsize=(10.5, 7.5))
+    for x in range(n):
+        color, last = ("#E07A1F", True) if x == n - 1 else ("#2A6F97", False)
+        ax.plot([x, x], [0, L], color=color, lw=2.5 if last else 1.2, alpha=0.6, zorder=1)
+        ax.scatter([x] * (L + 1), range(L + 1), s=60 if last else 30, color=color, marker="s", zorder=3)
+    for x, w in enumerate(attention[block].tolist()):  # row `block` is layer block-1: what block `block` reads
+        ax.annotate("", xy=(n - 1, block + 1), xytext=(x, block), zorder=2, arrowprops=dict(
+            arrowstyle="-", color="#C44E52", lw=0.3 + 12 * w, alpha=0.75, shrinkA=4, shrinkB=4,
+            connectionstyle="arc3,rad=-0.12" if x < n - 2 else "arc3,rad=0"))
+    ax.add_patch(plt.Rectangle((-0.4, -0.4), n - 1.2, L + 0.8, fill=False, ls="--", lw=1, color="#777777"))
+    ax.annotate(f"next token: {answer!r}", xy=(n - 1, L), xytext=(n - 1, L + 1.3), ha="center", fontsize=9,
+                color="#E07A1F", arrowprops=dict(arrowstyle="->", color="#E07A1F"))
+    ax.text(0, block + 3, f"attention of the last position in block {block}: it reads layer {block - 1} "
+            "(line width = weight, mean of the heads)", fontsize=8, color="#C44E52",
+            bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+    ax.text(n - 0.6, L / 2, "residual stream:\nblock L adds its\noutput to the\nstate below it", fontsize=8,
+            color="#E07A1F", va="center")
+    ax.text((n - 2) / 2, -1.6, "earlier positions: later tokens read them only through their keys and values "
+            "(kept as the KV cache)", ha="center", fontsize=8, color="#555555")
+    ax.set_xticks(range(n), [f"{t!r}"[1:-1] + f"\n{x}" for x, t in enumerate(tokens)], fontsize=8)
+    ax.set_yticks(range(L + 1), ["embeddings"] + [f"layer {layer}" for layer in range(L)], fontsize=7)
+    ax.set(ylim=(-2, L + 2), xlim=(-0.7, n + 1.2), xlabel="position (token)")
+    ax.set_title(f"{lm.name}: {L} layers; each square is a hidden state of d_model = {lm.d_model} numbers", fontsize=10)
+    ax.spines[["top", "right", "left", "bottom"]].set_visible(False)
+    fig.tight_layout()
+    return fig
