@@ -155,19 +155,31 @@ def _deepest_position(patches: Sequence[RowPatch]) -> int:
     return min((pos for patch in patches for _, _, pos in _row_patches(patch)), default=-1)
 
 
-@contextlib.contextmanager
-def _patches(lm: LanguageModel, patches: Sequence[RowPatch], mode: str = "replace"):
-    """One hook per patched (layer, position), writing (or adding) its rows' vectors there."""
+def _patch_sites(lm: LanguageModel, patches: Sequence[RowPatch]) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """The patches by site: (layer, position, vectors [n_rows, d_model], rows), on the model's device.
+
+    Built before any forward pass: a copy from the host inside a hook would make a GPU wait for
+    every kernel queued before it, at each patched layer.
+    """
     by_site: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
     for row, patch in enumerate(patches):
         for layer, vector, position in _row_patches(patch):
             by_site.setdefault((lm.check_layer(layer), position), []).append((row, vector))
+    sites = []
+    for (layer, position), items in by_site.items():
+        rows = [r for r, _ in items]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"a prompt has two patches at layer {layer}, position {position}; give each one vector.")
+        value = torch.stack([v.reshape(-1) for _, v in items]).to(device=lm.device, dtype=lm.dtype)
+        sites.append((layer, position, value, torch.tensor(rows, device=lm.device)))
+    return sites
+
+
+@contextlib.contextmanager
+def _patches(lm: LanguageModel, sites: list[tuple[int, int, torch.Tensor, torch.Tensor]], mode: str = "replace"):
+    """One hook per patched (layer, position) of :func:`_patch_sites`, writing (or adding) its rows' vectors there."""
     with contextlib.ExitStack() as stack:
-        for (layer, position), items in by_site.items():
-            rows = [r for r, _ in items]
-            if len(set(rows)) != len(rows):
-                raise ValueError(f"a prompt has two patches at layer {layer}, position {position}; give each one vector.")
-            value = torch.stack([v.reshape(-1) for _, v in items])
+        for layer, position, value, rows in sites:
             stack.enter_context(patch_hidden(lm, layer, position, value, rows=rows, mode=mode))
         yield
 
@@ -198,28 +210,38 @@ _NO_LOGITS = torch.empty(0, dtype=torch.long)
 def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: list[tuple[int, ...]],
                owner: list[int], patches: list[RowPatch], read: bool, stats: ForwardStats, logits: bool = False,
                mode: str = "replace", read_position: int = -1):
-    """Run one batch: the distinct ``prefixes`` once, then every suffix on its owner's cache."""
+    """Run one batch: the distinct ``prefixes`` once, then every suffix on its owner's cache.
+
+    Every input is built on the host and copied to the device first, so the two forward passes
+    and their hooks queue on a GPU without waiting for it; the results come back at the end.
+    """
     device, pad = lm.device, lm.tokenizer.pad_token_id
-    cache, p_mask = None, None
-    if max(len(p) for p in prefixes) > 0:
-        p_ids, p_mask = _left_pad(prefixes, pad)
-        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-        # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
-        out = lm.model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), position_ids=p_pos.to(device),
-                       use_cache=True, logits_to_keep=_NO_LOGITS)
-        cache = _cache_of(out)
-        cache.batch_select_indices(torch.tensor(owner, device=device))  # one copy of its prefix per suffix
-        p_mask = p_mask[owner]
-        stats.forwards += 1
-        stats.tokens += int(sum(len(p) for p in prefixes))
+    shared = max(len(p) for p in prefixes) > 0
     s_ids, s_mask = _left_pad(suffixes, pad)
     start = torch.tensor([len(prefixes[o]) for o in owner]).unsqueeze(1)
     s_pos = (start + s_mask.cumsum(-1) - 1).clamp(min=0)
-    mask = s_mask if p_mask is None else torch.cat([p_mask, s_mask], dim=1)
+    mask = s_mask
+    if shared:
+        p_ids, p_mask = _left_pad(prefixes, pad)
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        owner_t = torch.tensor(owner)
+        mask = torch.cat([p_mask[owner_t], s_mask], dim=1)
+        p_ids, p_mask, p_pos, owner_t = (t.to(device) for t in (p_ids, p_mask, p_pos, owner_t))
+    s_ids, mask, s_pos = (t.to(device) for t in (s_ids, mask, s_pos))
+    sites = _patch_sites(lm, patches)
+    cache = None
+    if shared:
+        # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
+        out = lm.model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                       logits_to_keep=_NO_LOGITS)
+        cache = _cache_of(out)
+        cache.batch_select_indices(owner_t)  # one copy of its prefix per suffix
+        stats.forwards += 1
+        stats.tokens += int(sum(len(p) for p in prefixes))
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
-        stack.enter_context(_patches(lm, patches, mode))
-        out = lm.model(input_ids=s_ids.to(device), attention_mask=mask.to(device), position_ids=s_pos.to(device),
+        stack.enter_context(_patches(lm, sites, mode))
+        out = lm.model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos,
                        use_cache=cache is not None, logits_to_keep=1, **_cache_arg(lm, cache))
     stats.forwards += 1
     stats.tokens += int(sum(len(s) for s in suffixes))
