@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reproduce(args) -> int:
-    from . import reproduce
+    from . import experiments, reproduce
     from .models import _resolve_device, load_model
 
     config = ExperimentConfig(n_demos=args.n_demos, n_test=args.n_test, n_dev=args.n_dev, n_baseline=args.n_baseline,
@@ -130,8 +130,9 @@ def _reproduce(args) -> int:
     print(reproduce.report(results))
     chosen = ("--batch-size" if config.batch_size is not None else "auto: from the GPU's free memory"
               if lm.device.type == "cuda" else "auto: at most 256 prompts and 6144 tokens on a CPU")
+    per_call = min(experiments.tasks_per_call(lm, config), len(tasks))
     print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({chosen}); "
-          f"{results.stats.forwards} forward passes.")
+          f"{results.stats.forwards} forward passes; {per_call} task{'s' if per_call > 1 else ''} per engine call.")
     written = reproduce.save(results, args.out)
     resumed = f" ({len(results.resumed)} tasks resumed from an earlier run)" if results.resumed else ""
     print(f"\nDone in {time.perf_counter() - start:.0f} s{resumed}. Wrote {', '.join(str(p) for p in written)}")
