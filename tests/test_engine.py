@@ -1,5 +1,6 @@
 """Every speed trick of tvlab.engine gives the same answers as the plain path."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -241,6 +242,18 @@ def test_fast_path_on_a_gpu_equals_the_plain_path():
     plain = predict_last_plain(lm, prompts, patches=patches, read=True)
     assert torch.equal(fast.top_ids, plain.top_ids)
     torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_blocks_of_tasks_on_a_gpu_give_the_cpus_predictions(tiny):
+    tasks, config = ["antonyms", "next_letter", "country_capital"], tvlab.ExperimentConfig(n_test=6, n_dev=4, n_baseline=6)
+    on_cpu = tvlab.reproduce.run_main(tiny, tasks, config, progress=False)
+    gpu = tvlab.tiny_model("llama")
+    gpu.model.to("cuda")
+    assert tvlab.experiments.tasks_per_call(gpu, config) >= 3
+    on_gpu = tvlab.reproduce.run_main(gpu, tasks, config, progress=False)
+    assert on_gpu.stats.forwards < on_cpu.stats.forwards
+    pd.testing.assert_frame_equal(on_gpu.predictions, on_cpu.predictions)
 
 
 def test_auto_batch_size_fills_a_share_of_free_gpu_memory(tiny, monkeypatch):
