@@ -1,5 +1,7 @@
 """Every speed trick of tvlab.engine gives the same answers as the plain path."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -289,6 +291,7 @@ def test_tasks_per_call_is_one_on_a_cpu_and_bounded_by_the_reads_on_a_gpu(tiny, 
     monkeypatch.setattr(type(tiny), "device", property(lambda self: torch.device("cuda", 0)))
     per_task = 350 * tiny.n_layers * tiny.d_model * 4  # 50 dev x 2 dummies, 50 test x 3 prompts, 100 baseline
     assert tvlab.experiments.tasks_per_call(tiny, config) == tvlab.experiments.READ_BUDGET // per_task
+    assert tvlab.experiments.tasks_per_call(tiny, dataclasses.replace(config, fast_path=False)) == 1  # plain path
     monkeypatch.setattr(tvlab.experiments, "READ_BUDGET", per_task - 1)
     assert tvlab.experiments.tasks_per_call(tiny, config) == 1  # one task per call even when it alone is over
 

@@ -68,5 +68,10 @@ def test_model_anatomy_draws_each_position_and_the_blocks_attention(tiny):
     assert widths.index(max(widths)) == int(attention[2].argmax())
     assert "reads layer 1" in " ".join(t.get_text() for t in ax.texts) and "d_model = 64" in ax.get_title()
     plt.close(fig)
-    with pytest.raises(ValueError, match="block must be between 1 and 3"):
-        tvlab.plots.model_anatomy(tiny, tokens, attention, block=0, answer=" small")
+    fig = tvlab.plots.model_anatomy(tiny, tokens, attention, block=0, answer=" small")
+    assert "it reads the embeddings" in " ".join(t.get_text() for t in fig.axes[0].texts)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="block must be between 0 and 3"):
+        tvlab.plots.model_anatomy(tiny, tokens, attention, block=4, answer=" small")
+    with pytest.raises(ValueError, match=r"attention has shape \(4, 10\) but 11 tokens"):
+        tvlab.plots.model_anatomy(tiny, tokens, attention[:, 1:], block=2, answer=" small")

@@ -72,6 +72,7 @@ def test_batched_fast_encoding_gives_the_tokenizers_own_ids(which, request):
     sets = sample_sets(tvlab.get_task("country_capital"), n_sets=20, n_demos=5, seed=3, n_dummies=1)
     texts = [fmt.render(s.demos, s.query.input) for s in sets] + ["", " spaces  and\ttabs\n", "ünïcödé ->"]
     assert encode_batch(tokenizer, texts) == tokenizer(texts).input_ids
+    assert tokenizer._tvlab_fast_encode is True  # the fast path was taken, not the tokenizer's own
     items = [(s.demos, s.query.input) for s in sets]
     assert prompt_ids(tokenizer, fmt, items) == [tokenize(tokenizer, fmt, d, q).ids for d, q in items]
 
@@ -90,3 +91,14 @@ def test_a_tokenizer_whose_fast_encoding_differs_keeps_its_own(tiny):
     assert encode_batch(tokenizer, texts) == tokenizer(texts).input_ids != [e.ids for e in tokenizer._tokenizer.encode_batch(texts)]
     assert tokenizer._tvlab_fast_encode is False
     assert encode_batch(tokenizer, texts[:1]) == tokenizer(texts[:1]).input_ids
+
+
+def test_padding_or_truncation_left_on_by_another_call_does_not_reach_the_prompts(tiny):
+    from tvlab.prompts import encode_batch
+
+    texts = ["example:hot->", "example:hot->cold\nexample:big->"]
+    want = tiny.tokenizer(texts).input_ids
+    tiny.tokenizer(["a", "a b c d e f"], return_tensors="pt", padding=True)  # as a hooks example does
+    assert encode_batch(tiny.tokenizer, texts) == want
+    tiny.tokenizer(["a b c d e f"], truncation=True, max_length=3)
+    assert encode_batch(tiny.tokenizer, texts) == want

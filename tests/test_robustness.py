@@ -167,8 +167,10 @@ def test_tasks_run_together_are_saved_together_and_give_the_same_predictions(tin
     resumed = reproduce.run_main(tiny, tasks, config, out=tmp_path, progress=False, tasks_per_call=2)
     assert resumed.resumed == tasks[:2]
     pd.testing.assert_frame_equal(resumed.predictions, one_by_one.predictions)
-    with pytest.raises(ValueError, match="tasks_per_call must be a whole number >= 1"):
-        reproduce.run_main(tiny, tasks, config, progress=False, tasks_per_call=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="tasks_per_call must be a whole number >= 1"):
+            reproduce.run_main(tiny, tasks, config, progress=False, tasks_per_call=bad)
+    assert tvlab.experiments.run_prepared_tasks(tiny, [], config) == []
 
 
 def test_runs_with_different_settings_never_mix(tiny):

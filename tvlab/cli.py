@@ -130,9 +130,11 @@ def _reproduce(args) -> int:
     print(reproduce.report(results))
     chosen = ("--batch-size" if config.batch_size is not None else "auto: from the GPU's free memory"
               if lm.device.type == "cuda" else "auto: at most 256 prompts and 6144 tokens on a CPU")
-    per_call = min(experiments.tasks_per_call(lm, config), len(tasks))
-    print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({chosen}); "
-          f"{results.stats.forwards} forward passes; {per_call} task{'s' if per_call > 1 else ''} per engine call.")
+    ran = len(tasks) - len(results.resumed)
+    per_call = min(experiments.tasks_per_call(lm, config), ran)
+    if ran:
+        print(f"\nBatch size: at most {results.stats.largest_batch} prompts per forward pass ({chosen}); "
+              f"{results.stats.forwards} forward passes; {per_call} task{'s' if per_call > 1 else ''} per engine call.")
     written = reproduce.save(results, args.out)
     resumed = f" ({len(results.resumed)} tasks resumed from an earlier run)" if results.resumed else ""
     print(f"\nDone in {time.perf_counter() - start:.0f} s{resumed}. Wrote {', '.join(str(p) for p in written)}")

@@ -300,8 +300,6 @@ def _plan(lm: LanguageModel, task: Task, report: FilterReport, config: Experimen
     dev = _dev_sets(task, config)
     test = sample_sets(task, config.n_test, config.n_demos, config.seed, "test", config.n_dummies)
     base = [s.query for s in sample_sets(task, config.n_baseline, 0, config.seed, "baseline")]
-    if config.n_dummies < 1:
-        raise ValueError("extracting a task vector needs at least one dummy query per set (n_dummies >= 1).")
     items, owner, role = [], [], []
     for k, s in enumerate(dev + test):
         for what, q in ([("icl", s.query)] if k >= len(dev) else []) + [("dummy", d) for d in s.dummies]:
@@ -342,10 +340,13 @@ def tasks_per_call(lm: LanguageModel, config: ExperimentConfig) -> int:
 
     On a CUDA GPU: as many as keep the hidden states read back (float32, every layer, for each
     set and baseline prompt) under :data:`READ_BUDGET`, e.g. 11 tasks of LLaMA-7B's shape or all
-    of Gemma 3 270M's with the default settings. Elsewhere 1: a CPU's batches are full with one
-    task already, and a remote request per task keeps each request small.
+    of Gemma 3 270M's with the default settings. Otherwise 1: on a CPU (its batches are full with
+    one task already), through a backend (nnsight: one request per task keeps each request small)
+    and on the plain path (``fast_path=False``: one prompt per forward pass anyway). An interrupted
+    run resumes from its last finished block, so a block is also what an interruption can lose:
+    on a GPU a few seconds to minutes of work.
     """
-    if lm.device.type != "cuda" or lm.backend is not None:
+    if lm.device.type != "cuda" or lm.backend is not None or not config.fast_path:
         return 1
     prompts = config.n_dev * config.n_dummies + config.n_test * (1 + config.n_dummies) + config.n_baseline
     return max(1, READ_BUDGET // (prompts * lm.n_layers * lm.d_model * 4))
@@ -357,9 +358,12 @@ def run_prepared_tasks(lm: LanguageModel, prepared: Sequence[tuple[Task, FilterR
 
     Each call holds every task's prompts of that step, so a GPU runs few, large batches
     instead of three calls' worth of small ones per task (:func:`tvlab.reproduce.run_main`
-    runs blocks of tasks this way on a GPU). The predictions are those of one task at a time.
+    runs blocks of tasks this way on a GPU). The predictions are those of one task at a time (in
+    float32; in bfloat16 other batches can flip a rare near-tie, as another ``batch_size`` can).
     """
     stats = stats if stats is not None else ForwardStats()
+    if not prepared:
+        return []
     fmt = prompt_format(lm, config)
     engine_args = {"batch_size": config.batch_size, "stats": stats, "fast": config.fast_path}
     plans = [_plan(lm, task, report, config, fmt) for task, report in prepared]

@@ -194,8 +194,11 @@ def model_anatomy(lm, tokens: list[str], attention, block: int, answer: str) -> 
     of the same prompt; ``answer``: the predicted next token, written above the last position.
     """
     n, L = len(tokens), lm.n_layers
-    if not 1 <= block < L:
-        raise ValueError(f"block must be between 1 and {L - 1} (it reads the layer below it), got {block}.")
+    if not 0 <= block < L:
+        raise ValueError(f"block must be between 0 and {L - 1}, got {block}.")
+    if tuple(attention.shape) != (L, n):
+        raise ValueError(f"attention has shape {tuple(attention.shape)} but {n} tokens and {L} blocks need ({L}, {n}): "
+                         "pass tvlab.engine.last_position_attention of the same prompt.")
     fig, ax = plt.subplots(figsize=(10.5, 7.5))
     for x in range(n):
         color, last = ("#E07A1F", True) if x == n - 1 else ("#2A6F97", False)
@@ -208,8 +211,9 @@ def model_anatomy(lm, tokens: list[str], attention, block: int, answer: str) -> 
     ax.add_patch(plt.Rectangle((-0.4, -0.4), n - 1.2, L + 0.8, fill=False, ls="--", lw=1, color="#777777"))
     ax.annotate(f"next token: {answer!r}", xy=(n - 1, L), xytext=(n - 1, L + 1.3), ha="center", fontsize=9,
                 color="#E07A1F", arrowprops=dict(arrowstyle="->", color="#E07A1F"))
-    ax.text(0, block + 3, f"attention of the last position in block {block}: it reads layer {block - 1} "
-            "(line width = weight, mean of the heads)", fontsize=8, color="#C44E52",
+    reads = f"layer {block - 1}" if block else "the embeddings"
+    ax.text(0, block + 3 if block + 3 <= L else block - 3, f"attention of the last position in block {block}: it reads "
+            f"{reads} (line width = weight, mean of the heads)", fontsize=8, color="#C44E52",
             bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
     ax.text(n - 0.6, L / 2, "residual stream:\nblock L adds its\noutput to the\nstate below it", fontsize=8,
             color="#E07A1F", va="center")

@@ -113,8 +113,8 @@ def tokenize(tokenizer, fmt: PromptFormat, demos: Sequence[Pair], query: str) ->
 def prompt_ids(tokenizer, fmt: PromptFormat, items: Sequence[tuple[Sequence[Pair], str]]) -> list[tuple[int, ...]]:
     """Token ids of many prompts, each ``(demos, query)``, in one batched tokenizer call.
 
-    The same ids as ``tokenize(tokenizer, fmt, demos, query).ids`` for each item (a fast
-    tokenizer encodes a batch item by item, without padding), at a fraction of the cost of
+    The same ids as ``tokenize(tokenizer, fmt, demos, query).ids`` for each item (a batch is
+    encoded item by item, without padding: :func:`encode_batch`), at a fraction of the cost of
     one call per prompt: the protocol tokenizes about 16,000 prompts.
     """
     if not items:
@@ -126,26 +126,32 @@ def encode_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """``tokenizer(texts).input_ids``, about twice as fast for a fast (Rust) tokenizer.
 
     A fast tokenizer's Rust core encodes the batch directly, without the character offsets
-    and the Python objects the wrapper builds. The first batch of each tokenizer is also
-    encoded the usual way and compared: where a tokenizer does something of its own in Python
-    the ids differ, and that tokenizer keeps the usual path.
+    and the Python objects the wrapper builds. Every call first encodes one text the usual way,
+    which also clears any padding or truncation an earlier call left switched on in the core,
+    and uses the core only when it is then in its plain state and gives that text the same ids
+    (the first batch of a tokenizer: its first 8 texts). A tokenizer that does something of its
+    own in Python fails that check once and keeps the usual path.
     """
     core = getattr(tokenizer, "_tokenizer", None)
     texts = list(texts)
-    if not texts or not hasattr(core, "encode_batch_fast"):
+    if not texts or not hasattr(core, "encode_batch_fast") or getattr(tokenizer, "_tvlab_fast_encode", None) is False:
         return tokenizer(texts).input_ids
-    trusted = getattr(tokenizer, "_tvlab_fast_encode", None)
-    if trusted is False:
+    first = tokenizer(texts[:8] if getattr(tokenizer, "_tvlab_fast_encode", None) is None else texts[:1]).input_ids
+    plain = (core.padding is None and core.truncation is None
+             and bool(getattr(core, "encode_special_tokens", False)) == bool(getattr(tokenizer, "split_special_tokens", False)))
+    if not plain:
         return tokenizer(texts).input_ids
     ids = [e.ids for e in core.encode_batch_fast(texts)]
-    if trusted is None:
-        trusted = ids[:8] == tokenizer(texts[:8]).input_ids
+    if ids[:len(first)] != first:
         try:
-            tokenizer._tvlab_fast_encode = trusted
-        except AttributeError:  # a tokenizer that takes no new attributes: check every batch
+            tokenizer._tvlab_fast_encode = False
+        except AttributeError:  # a tokenizer that takes no new attributes is checked on 8 texts every call
             pass
-        if not trusted:
-            return tokenizer(texts).input_ids
+        return tokenizer(texts).input_ids
+    try:
+        tokenizer._tvlab_fast_encode = True
+    except AttributeError:
+        pass
     return ids
 
 

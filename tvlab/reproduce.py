@@ -174,15 +174,15 @@ def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentC
     Every task is loaded and filtered first, so an unusable one stops the run before any
     work, with all such tasks in one error. ``scoring`` applies to task files.
     ``tasks_per_call``: tasks run together, three engine calls per block of them (None:
-    :func:`tvlab.experiments.tasks_per_call`, 1 on a CPU); the predictions do not depend on it,
-    and with ``out`` each task is saved as soon as its block is done.
+    :func:`tvlab.experiments.tasks_per_call`, 1 on a CPU); the predictions do not depend on it
+    (in float32), and with ``out`` each task is saved as soon as its block is done.
     """
     config = config or ExperimentConfig()
     resolved = resolve_tasks(tasks, scoring)
     prepared = prepare_tasks(lm, resolved, config)
     if tasks_per_call is None:
         tasks_per_call = experiments.tasks_per_call(lm, config)
-    if not isinstance(tasks_per_call, int) or tasks_per_call < 1:
+    if isinstance(tasks_per_call, bool) or not isinstance(tasks_per_call, int) or tasks_per_call < 1:
         raise ValueError(f"tasks_per_call must be a whole number >= 1 or None, got {tasks_per_call!r}.")
     stats, start = ForwardStats(), time.perf_counter()
     done: dict[str, tuple[pd.DataFrame, dict]] = {}
