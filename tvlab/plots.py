@@ -205,16 +205,22 @@ def model_anatomy(lm, tokens: list[str], attention, block: int, answer: str) -> 
         ax.plot([x, x], [0, L], color=color, lw=2.5 if last else 1.2, alpha=0.6, zorder=1)
         ax.scatter([x] * (L + 1), range(L + 1), s=60 if last else 30, color=color, marker="s", zorder=3)
     for x, w in enumerate(attention[block].tolist()):  # row `block` is layer block-1: what block `block` reads
+        # A gentle arc (at most a third of a row above its chord) keeps every line between the row it reads
+        # and the row it writes, and the lines from nearby positions apart.
+        bend = -0.6 / max(n - 1 - x, 1) if x < n - 2 else 0.0
         ax.annotate("", xy=(n - 1, block + 1), xytext=(x, block), zorder=2, arrowprops=dict(
             arrowstyle="-", color="#C44E52", lw=0.3 + 12 * w, alpha=0.75, shrinkA=4, shrinkB=4,
-            connectionstyle="arc3,rad=-0.12" if x < n - 2 else "arc3,rad=0"))
+            connectionstyle=f"arc3,rad={bend:.3f}"))
+        if w >= 0.1:  # the weights that carry most of the mix, written where their lines start
+            ax.text(x + 0.12, block - 0.45, f"{w:.2f}", fontsize=8, color="#C44E52", ha="left", va="center",
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5), zorder=4)
     ax.add_patch(plt.Rectangle((-0.4, -0.4), n - 1.2, L + 0.8, fill=False, ls="--", lw=1, color="#777777"))
     ax.annotate(f"next token: {answer!r}", xy=(n - 1, L), xytext=(n - 1, L + 1.3), ha="center", fontsize=9,
                 color="#E07A1F", arrowprops=dict(arrowstyle="->", color="#E07A1F"))
     reads = f"layer {block - 1}" if block else "the embeddings"
-    ax.text(0, block + 3 if block + 3 <= L else block - 3, f"attention of the last position in block {block}: it reads "
-            f"{reads} (line width = weight, mean of the heads)", fontsize=8, color="#C44E52",
-            bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+    ax.text(-0.4, L + 0.8, f"red: attention of the last position in block {block}: it reads {reads} "
+            f"(line width = weight, mean of the heads)", fontsize=8, color="#C44E52",
+            va="center")
     ax.text(n - 0.6, L / 2, "residual stream:\nblock L adds its\noutput to the\nstate below it", fontsize=8,
             color="#E07A1F", va="center")
     ax.text((n - 2) / 2, -1.6, "earlier positions: later tokens read them only through their keys and values "
