@@ -92,6 +92,23 @@ def test_groups_of_different_prefix_lengths_mixed_in_one_batch(tiny):
     torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
 
 
+def test_common_prefix_len_is_the_longest_prefix_all_prompts_share():
+    """The shortcut (only the smallest and largest prompt are compared) against the definition."""
+    from tvlab.engine import _common_prefix_len
+
+    def shared(seqs):  # the definition: the longest n such that every prompt starts with the same n ids
+        return max(n for n in range(min(map(len, seqs)) + 1) if len({tuple(s[:n]) for s in seqs}) == 1)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        stem = torch.randint(0, 3, (int(torch.randint(0, 8, (1,), generator=g)),), generator=g).tolist()
+        seqs = [stem[:int(torch.randint(0, len(stem) + 1, (1,), generator=g))]
+                + torch.randint(0, 3, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(int(torch.randint(1, 6, (1,), generator=g)))]
+        assert _common_prefix_len(seqs) == shared(seqs), seqs
+    assert _common_prefix_len([[5, 1, 2], (5, 1, 3), torch.tensor([5, 1])]) == 2  # lists, tuples and tensors alike
+
+
 def _long_prompts(lm, n_demos=15):
     task, fmt = tvlab.get_task("country_capital"), FORMATS["paper"]
     sets = tvlab.sample_sets(task, 3, n_demos, seed=3, n_dummies=2)

@@ -134,9 +134,16 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
+    """The length of the longest token prefix all ``seqs`` share.
+
+    That of the lexicographically smallest and largest alone: every other sequence sorts between
+    them, so it shares their common prefix (``os.path.commonprefix``'s rule, on tuples of ids).
+    """
+    seqs = [tuple(s) for s in seqs]  # lists, tuples or tensors of ids compare alike
+    low, high = min(seqs), max(seqs)
+    n = min(len(low), len(high))
     for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
+        if low[i] != high[i]:
             return i
     return n
 
