@@ -239,6 +239,46 @@ def test_lone_prompts_and_groups_in_one_call_equal_the_plain_path(model_type):
         assert torch.equal(fast.logits.argmax(-1), plain.top_ids)
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3", "phi3",
+                                        "olmo", "olmo2", "phi", "gpt_neox", "gptj", "gpt2", "opt"])
+def test_rows_not_predicted_skip_the_unembedding_and_the_rest_is_unchanged(model_type):
+    """A task's first pass: dummy prompts are read and not predicted; ICL and zero-shot prompts are predicted."""
+    lm = tvlab.tiny_model(model_type)
+    prompts, groups = _prompt_groups(lm, n_sets=3, per_set=3)
+    zero_shot = [tokenize(lm.tokenizer, FORMATS["paper"], (), w).ids for w in ("big", "hot", "up")]
+    prompts, groups = prompts + zero_shot, groups + [10, 11, 12]
+    predict = [i % 3 == 0 or i >= 9 for i in range(len(prompts))]  # each set's first prompt and the zero-shot ones
+    g = torch.Generator().manual_seed(6)
+    patches = [None if i % 2 else (i % lm.n_layers, torch.randn(lm.d_model, generator=g)) for i in range(len(prompts))]
+    rows = []
+    handle = lm.unembed.register_forward_hook(lambda module, args, out: rows.append(out.shape[0] * out.shape[1]))
+    try:
+        stats = ForwardStats()
+        fast = predict_last(lm, prompts, groups=groups, patches=patches, read=True, logits=True, predict=predict,
+                            batch_size=7, stats=stats)
+    finally:
+        handle.remove()
+    everything = predict_last(lm, prompts, groups=groups, patches=patches, read=True, logits=True, batch_size=7)
+    plain = predict_last_plain(lm, prompts, patches=patches, read=True, predict=predict)
+    wanted = torch.tensor(predict)
+    assert sum(rows) == stats.logit_rows == int(wanted.sum())  # the unembedding saw the predicted rows only
+    assert torch.equal(fast.top_ids, plain.top_ids) and (fast.top_ids[~wanted] == -1).all()
+    assert torch.equal(fast.top_ids[wanted], everything.top_ids[wanted])
+    torch.testing.assert_close(fast.logits[wanted], everything.logits[wanted], atol=1e-5, rtol=1e-5)
+    assert (fast.logits[~wanted] == 0).all()
+    torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_no_row_predicted_runs_no_unembedding(tiny):
+    prompts, groups = _prompt_groups(tiny, n_sets=2)
+    stats = ForwardStats()
+    out = predict_last(tiny, prompts, groups=groups, read=True, predict=False, stats=stats)
+    assert (out.top_ids == -1).all() and stats.logit_rows == 0
+    torch.testing.assert_close(out.hidden, predict_last(tiny, prompts, groups=groups, read=True).hidden)
+    with pytest.raises(ValueError, match="predict needs one flag per prompt"):
+        predict_last(tiny, prompts, predict=[True])
+
+
 def test_run_task_fast_path_equals_the_plain_path(tiny):
     config = tvlab.ExperimentConfig(n_test=4, n_dev=4, n_baseline=6)
     fast = tvlab.run_task(tiny, "antonyms", config)

@@ -87,15 +87,17 @@ def _patched(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, vect
     return zero_shot_predictions(lm, queries, fmt, thetas=thetas, layers=[layer], batch_size=batch_size)[:, 0]
 
 
-def _zero_shot_run(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int | None = None):
-    """The zero-shot prompts, run once: ``.top_ids`` (the baseline) and ``.hidden`` ``[n, n_layers, d_model]``."""
+def _zero_shot_run(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int | None = None,
+                   predict: bool = True):
+    """The zero-shot prompts, run once: ``.top_ids`` (the baseline; -1 unless ``predict``) and ``.hidden``
+    ``[n, n_layers, d_model]``."""
     prompts = [tokenize(lm.tokenizer, fmt, (), q.input).ids for q in queries]
-    return predict_last(lm, prompts, read=True, batch_size=batch_size)
+    return predict_last(lm, prompts, read=True, predict=predict, batch_size=batch_size)
 
 
 def _zero_shot_states(lm: LanguageModel, queries: Sequence[Pair], fmt: PromptFormat, batch_size: int | None = None):
     """Every block's output at the last token of each zero-shot prompt: ``[n, n_layers, d_model]``."""
-    return _zero_shot_run(lm, queries, fmt, batch_size).hidden
+    return _zero_shot_run(lm, queries, fmt, batch_size, predict=False).hidden
 
 
 def _best_layer(lm: LanguageModel, task: Task, config: ExperimentConfig) -> int:

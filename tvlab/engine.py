@@ -18,7 +18,8 @@ nothing shared) on tiny models in ``tests/test_engine.py``:
 1. Batching with left padding, so the predicting token is the last column of every row;
    explicit position ids keep a padded prompt's positions those of the unpadded one.
 2. Logits at the last position only (``logits_to_keep=1``): a 262k-word unembedding at
-   every position would cost more than the rest of the model.
+   every position would cost more than the rest of the model. Rows whose prediction is not
+   wanted (``predict``: a dummy prompt is only read) get no logits at all.
 3. Shared prefixes: prompts with the same ``groups`` id share their longest common token
    prefix, which runs once; its key/value cache is then copied to each prompt, and only
    the remaining tokens run. A set's ICL prompt and its dummy-query prompts share the
@@ -216,11 +217,13 @@ _NO_LOGITS = torch.empty(0, dtype=torch.long)
 @torch.inference_mode()
 def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: list[tuple[int, ...]],
                owner: list[int], patches: list[RowPatch], read: bool, stats: ForwardStats, logits: bool = False,
-               mode: str = "replace", read_position: int = -1):
+               mode: str = "replace", read_position: int = -1, predict: list[bool] | None = None):
     """Run one batch: the distinct ``prefixes`` once, then every suffix on its owner's cache.
 
-    Every input is built on the host and copied to the device first, so the two forward passes
-    and their hooks queue on a GPU without waiting for it; the results come back at the end.
+    ``predict``: one flag per suffix; the unembedding runs on the flagged rows only (None: all),
+    and the others get -1 (and zero logits). Every input is built on the host and copied to the
+    device first, so the two forward passes and their hooks queue on a GPU without waiting for
+    it; the results come back at the end.
     """
     device, pad = lm.device, lm.tokenizer.pad_token_id
     shared = max(len(p) for p in prefixes) > 0
@@ -236,6 +239,9 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
         p_ids, p_mask, p_pos, owner_t = (t.to(device) for t in (p_ids, p_mask, p_pos, owner_t))
     s_ids, mask, s_pos = (t.to(device) for t in (s_ids, mask, s_pos))
     sites = _patch_sites(lm, patches)
+    wanted = torch.ones(len(suffixes), dtype=torch.bool) if predict is None else torch.tensor(predict, dtype=torch.bool)
+    n_wanted = int(wanted.sum())
+    keep = wanted.nonzero().squeeze(1).to(device) if 0 < n_wanted < len(suffixes) else None
     cache = None
     if shared:
         # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
@@ -248,20 +254,44 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
         stack.enter_context(_patches(lm, sites, mode))
-        out = lm.model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos,
-                       use_cache=cache is not None, logits_to_keep=1, **_cache_arg(lm, cache))
+        if keep is not None:
+            stack.enter_context(_unembed_rows(lm, keep))
+        out = lm.model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos, use_cache=cache is not None,
+                       logits_to_keep=1 if n_wanted else _NO_LOGITS, **_cache_arg(lm, cache))
     stats.forwards += 1
     stats.tokens += int(sum(len(s) for s in suffixes))
-    stats.logit_rows += len(suffixes)
-    last = out.logits[:, -1]  # [n_suffixes, vocab]
+    stats.logit_rows += n_wanted
     hidden = rec.hidden.float().cpu() if read else None
-    return last.argmax(-1).cpu(), hidden, (last.float().cpu() if logits else None)
+    top = torch.full((len(suffixes),), -1, dtype=torch.long)
+    all_logits = torch.zeros(len(suffixes), lm.unembed.weight.shape[0]) if logits else None
+    if n_wanted:
+        last = out.logits[:, -1]  # [n_wanted, vocab]: the unembedding saw the wanted rows only
+        if last.shape[0] != n_wanted:
+            raise RuntimeError(f"{lm.name} computes its logits without calling {lm.family.unembed}; tvlab.models.FAMILIES "
+                               "must name the module the model's forward calls for its logits.")
+        top[wanted] = last.argmax(-1).cpu()
+        if logits:
+            all_logits[wanted] = last.float().cpu()
+    return top, hidden, all_logits
+
+
+@contextlib.contextmanager
+def _unembed_rows(lm: LanguageModel, rows: torch.Tensor):
+    """The unembedding of this forward pass sees only ``rows`` of the batch (a device index tensor)."""
+    def keep(module, args):
+        return (args[0].index_select(0, rows), *args[1:])
+
+    handle = lm.unembed.register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups: Sequence[int] | None = None,
                  patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool | Sequence[bool] = False,
-                 read_position: int = -1, logits: bool = False, batch_size: int | None = None,
-                 stats: ForwardStats | None = None) -> LastTokenOutput:
+                 read_position: int = -1, logits: bool = False, predict: bool | Sequence[bool] = True,
+                 batch_size: int | None = None, stats: ForwardStats | None = None) -> LastTokenOutput:
     """Next-token argmax at the last position of each prompt, with optional patches and reads.
 
     ``groups``: prompts with equal ids share their common token prefix (run once).
@@ -270,7 +300,9 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     block's output at the last token, as it was before any patch of that row at that block
     (or one flag per prompt: the rows not read are zeros, and a backend does not send them back).
     ``read_position``: read there instead (counted from the end, like a patch's position).
-    ``logits``: also return the last position's logits. ``batch_size`` counts prompts per
+    ``logits``: also return the last position's logits. ``predict``: one flag per prompt; the
+    rows not flagged get no unembedding, top id -1 and zero logits (a prompt that is only read).
+    ``batch_size`` counts prompts per
     forward pass (a group is never split); None picks it from the device's free memory
     (:func:`auto_batch_size`). Prompts whose reads or patches reach before their
     last token share no prefix: those positions must run in the same pass.
@@ -288,15 +320,15 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         raise ValueError("groups and patches need one entry per prompt.")
     stats = stats if stats is not None else ForwardStats()
     if not isinstance(read, bool):
-        read = [bool(r) for r in read]
-        if len(read) != n:
-            raise ValueError("read needs one flag per prompt (or one bool for all).")
+        read = _row_flags(read, n, "read")
+    predict = _row_flags(predict, n, "predict")
     if batch_size is None:
         batch_size = auto_batch_size(lm, width=max(len(p) for p in prompts))
     stats.largest_batch = max(stats.largest_batch, min(batch_size, n))
     if lm.backend is not None:
-        return lm.backend.predict_last(lm, prompts, groups=groups, patches=patches, mode=mode, read=read,
-                                       read_position=read_position, logits=logits, batch_size=batch_size, stats=stats)
+        out = lm.backend.predict_last(lm, prompts, groups=groups, patches=patches, mode=mode, read=read,
+                                      read_position=read_position, logits=logits, batch_size=batch_size, stats=stats)
+        return _unpredicted(out, predict)
     unread = None
     if isinstance(read, list):
         unread = ~torch.tensor(read)
@@ -333,7 +365,7 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
                 owner.append(k)
                 rows.append(i)
         t, h, lg = _run_chunk(lm, prefixes, suffixes, owner, [patches[i] for i in rows], read, stats, logits, mode,
-                              read_position)
+                              read_position, [predict[i] for i in rows])
         top[rows] = t
         if read:
             hidden[rows] = h
@@ -361,14 +393,20 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
 @torch.inference_mode()
 def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
                        patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool | Sequence[bool] = False,
-                       read_position: int = -1, stats: ForwardStats | None = None) -> LastTokenOutput:
-    """The reference path: one prompt per forward, full logits, nothing shared or padded."""
+                       read_position: int = -1, predict: bool | Sequence[bool] = True,
+                       stats: ForwardStats | None = None) -> LastTokenOutput:
+    """The reference path: one prompt per forward, full logits, nothing shared or padded.
+
+    ``predict`` as in :func:`predict_last`: the rows not flagged report -1 (their logits are computed all the same).
+    """
     stats = stats if stats is not None else ForwardStats()
+    predict = _row_flags(predict, len(prompts), "predict")
     if lm.backend is not None:
-        return lm.backend.predict_last(lm, prompts, groups=None, patches=patches, mode=mode, read=read,
-                                       read_position=read_position, logits=False, batch_size=1, stats=stats)
+        out = lm.backend.predict_last(lm, prompts, groups=None, patches=patches, mode=mode, read=read,
+                                      read_position=read_position, logits=False, batch_size=1, stats=stats)
+        return _unpredicted(out, predict)
     patches = [None] * len(prompts) if patches is None else list(patches)
-    wanted = [read] * len(prompts) if isinstance(read, bool) else [bool(r) for r in read]
+    wanted = _row_flags(read, len(prompts), "read")
     read = any(wanted)
     tops, hiddens = [], []
     for ids, patch in zip(prompts, patches):
@@ -388,7 +426,27 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
     if read:  # the rows not read are zeros, as in predict_last
         hidden = torch.stack(hiddens)
         hidden[~torch.tensor(wanted)] = 0.0
-    return LastTokenOutput(torch.tensor(tops), hidden, stats)
+    return _unpredicted(LastTokenOutput(torch.tensor(tops), hidden, stats), predict)
+
+
+def _row_flags(flags: bool | Sequence[bool], n: int, name: str) -> list[bool]:
+    if isinstance(flags, bool):
+        return [flags] * n
+    flags = [bool(f) for f in flags]
+    if len(flags) != n:
+        raise ValueError(f"{name} needs one flag per prompt (or one bool for all).")
+    return flags
+
+
+def _unpredicted(out: LastTokenOutput, predict: list[bool]) -> LastTokenOutput:
+    """The rows not in ``predict`` report -1 and zero logits, whoever ran them (the engine's convention)."""
+    if all(predict):
+        return out
+    skip = ~torch.tensor(predict)
+    out.top_ids[skip] = -1
+    if out.logits is not None:
+        out.logits[skip] = 0.0
+    return out
 
 
 def next_token_logits(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, patches: Sequence[RowPatch] | None = None,

@@ -124,10 +124,11 @@ def _set_outputs(lm: LanguageModel, n_sets: int, owner: Sequence[int], role: Seq
 
 
 def _forward(lm: LanguageModel, prompts, *, fast: bool, groups=None, patches=None, read: bool | Sequence[bool] = False,
-             batch_size: int | None = None, stats: ForwardStats | None = None):
+             predict: bool | Sequence[bool] = True, batch_size: int | None = None, stats: ForwardStats | None = None):
     if fast:
-        return predict_last(lm, prompts, groups=groups, patches=patches, read=read, batch_size=batch_size, stats=stats)
-    return predict_last_plain(lm, prompts, patches=patches, read=read, stats=stats)
+        return predict_last(lm, prompts, groups=groups, patches=patches, read=read, predict=predict,
+                            batch_size=batch_size, stats=stats)
+    return predict_last_plain(lm, prompts, patches=patches, read=read, predict=predict, stats=stats)
 
 
 def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: PromptFormat, *, with_icl: bool = True,
@@ -137,12 +138,13 @@ def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: Prom
 
     One forward pass per set, shared: the demonstrations run once, then the ICL query
     and each dummy query run on their cache. θ is the mean over the dummy prompts of the
-    last-token hidden state at every layer.
+    last-token hidden state at every layer; only the ICL prompts are unembedded.
     """
     prompts, owner, role = _set_prompts(lm, sets, fmt, with_icl)
     _check_context(lm, prompts)
-    out = _forward(lm, prompts, fast=fast, groups=owner, read=[r == "dummy" for r in role], batch_size=batch_size,
-                   stats=stats)
+    dummy = [r == "dummy" for r in role]
+    out = _forward(lm, prompts, fast=fast, groups=owner, read=dummy, predict=[not d for d in dummy],
+                   batch_size=batch_size, stats=stats)
     icl, thetas = _set_outputs(lm, len(sets), owner, role, out.top_ids, out.hidden)
     return (icl if with_icl else None), thetas
 
@@ -323,8 +325,8 @@ def _call(lm: LanguageModel, parts: Sequence[tuple[list, list[int], list]], engi
         groups += [offset + g for g in grp]
         extra += more
         starts.append(len(prompts))
-    if read:
-        out = _forward(lm, prompts, groups=groups, read=extra, **engine_args)
+    if read:  # a prompt that is read (a dummy prompt) needs no prediction
+        out = _forward(lm, prompts, groups=groups, read=extra, predict=[not r for r in extra], **engine_args)
     else:
         out = _forward(lm, prompts, groups=groups, patches=extra, **engine_args)
     return out, starts
@@ -369,7 +371,7 @@ def run_prepared_tasks(lm: LanguageModel, prepared: Sequence[tuple[Task, FilterR
     plans = [_plan(lm, task, report, config, fmt) for task, report in prepared]
     _check_context(lm, [ids for plan in plans for ids in plan.sets])
 
-    # 1. Every set prompt and baseline prompt; θ is read from the dummy prompts only.
+    # 1. Every set prompt and baseline prompt; θ is read from the dummy prompts, which need no prediction.
     out, starts = _call(lm, [(plan.sets, plan.groups(), [r == "dummy" for r in plan.role] + [False] * len(plan.base))
                              for plan in plans], engine_args, read=True)
     thetas, icl, baseline = [], [], []

@@ -178,7 +178,7 @@ def query_swap(lm: LanguageModel, task: str | Task, theta_layer: int, n_queries:
     swapped_states = {}
     for position in sorted({p for _, _, p in pairs}):
         rows = [k for k, (_, _, p) in enumerate(pairs) if p == position]
-        out = predict_last(lm, [ids[pairs[k][1]] for k in rows], read=True, read_position=position)
+        out = predict_last(lm, [ids[pairs[k][1]] for k in rows], read=True, read_position=position, predict=False)
         swapped_states.update({k: out.hidden[n] for n, k in enumerate(rows)})  # [n_layers, d_model]
     prompts, patches = [], []
     for layer in range(lm.n_layers):
