@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import tvlab
-from tvlab.engine import ForwardStats, predict_last, predict_last_plain
+from tvlab import engine
+from tvlab.engine import UNEMBED_SLICE, ForwardStats, predict_last, predict_last_plain, slices_unembedding, top_ids_sliced
 from tvlab.prompts import FORMATS, tokenize
 
 
@@ -209,13 +210,76 @@ def test_query_swap_frame(tiny):
 
 def test_the_prefix_pass_computes_no_logits(tiny):
     prompts, groups = _prompt_groups(tiny, n_sets=2)
-    rows = []
+    rows = []  # a forward hook on the unembedding sees the model compute its logits (no slicing: see below)
     handle = tiny.unembed.register_forward_hook(lambda module, args, out: rows.append(out.shape[:2]))
     try:
         predict_last(tiny, prompts, groups=groups)
     finally:
         handle.remove()
     assert rows == [(2, 0), (len(prompts), 1)]  # prefixes: no position kept; suffixes: the last one
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3", "phi3",
+                                        "olmo", "olmo2", "phi", "gpt_neox", "gptj", "gpt2", "opt"])
+def test_the_sliced_argmax_on_a_cpu_equals_the_models_own_logits(model_type, monkeypatch):
+    """Without logits, a CPU takes the argmax slice by slice (tvlab.engine.top_ids_sliced), and the model's own
+    unembedding computes nothing; the predictions are those of its full logits (Gemma 2: soft-capped; phi, gptj: a bias)."""
+    lm = tvlab.tiny_model(model_type)
+    assert slices_unembedding(lm) and lm.unembed.weight.shape[0] > 2 * UNEMBED_SLICE  # three slices, the last one short
+    sliced_rows, inputs = [], []
+    monkeypatch.setattr(engine, "top_ids_sliced", lambda lm, h: sliced_rows.append(len(h)) or top_ids_sliced(lm, h))
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: (
+        inputs.append(tuple(x.shape[:2])) if w is lm.unembed.weight else None) or linear(x, w, b))
+    prompts, groups = _prompt_groups(lm, n_sets=3, per_set=3)
+    predict = [i % 3 != 1 for i in range(len(prompts))]
+    g = torch.Generator().manual_seed(8)
+    patches = [(i % lm.n_layers, 3 * torch.randn(lm.d_model, generator=g)) for i in range(len(prompts))]
+    stats = ForwardStats()
+    sliced = predict_last(lm, prompts, groups=groups, patches=patches, predict=predict, stats=stats, batch_size=5)
+    monkeypatch.undo()
+    full = predict_last(lm, prompts, groups=groups, patches=patches, predict=predict, logits=True, batch_size=5)
+    plain = predict_last_plain(lm, prompts, patches=patches, predict=predict)
+    assert sum(sliced_rows) == stats.logit_rows == sum(predict)  # the same rows, the same FLOP count
+    assert (0, 1) in inputs and all(rows * positions == 0 for rows, positions in inputs)  # the model's unembedding computed nothing
+    assert torch.equal(sliced.top_ids, full.top_ids) and torch.equal(sliced.top_ids, plain.top_ids)
+
+
+def test_top_ids_sliced_keeps_the_first_of_tied_words_as_argmax_does():
+    lm = tvlab.tiny_model("llama")
+    w = lm.unembed.weight
+    h = torch.randn(4, lm.d_model, generator=torch.Generator().manual_seed(9))
+    last = w.shape[0] - 1
+    tied = {0: (5, 2 * UNEMBED_SLICE + 7), 1: (UNEMBED_SLICE + 3, UNEMBED_SLICE + 4), 2: (last - 1, last)}
+    with torch.no_grad():
+        w.mul_(0.01)
+        for row, words in tied.items():  # in different slices, in one slice, at the end of the short last slice
+            w[list(words)] = h[row] / h[row].norm()
+    logits = h @ w.t()
+    assert all(logits[row, a] == logits[row, b] == logits[row].max() for row, (a, b) in tied.items())
+    top = top_ids_sliced(lm, h)
+    assert torch.equal(top, logits.argmax(-1)) and top[:3].tolist() == [5, UNEMBED_SLICE + 3, last - 1]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi"])
+def test_top_ids_sliced_converts_weights_stored_narrower_as_the_model_does(model_type):
+    """Weights stored in bfloat16 and products in float32 (Binder's setting): the slices are converted likewise."""
+    lm = tvlab.load_model(f"tiny-{model_type}", dtype="float32", weights_dtype="bfloat16", device="cpu")
+    assert (lm.weights_dtype, lm.dtype) == (torch.bfloat16, torch.float32) and slices_unembedding(lm)
+    prompts, groups = _prompt_groups(lm, n_sets=2)
+    sliced = predict_last(lm, prompts, groups=groups)
+    assert torch.equal(sliced.top_ids, predict_last(lm, prompts, groups=groups, logits=True).top_ids)
+
+
+def test_a_hooked_or_unusual_unembedding_keeps_the_models_own_argmax(tiny):
+    assert slices_unembedding(tiny)
+    handle = tiny.unembed.register_forward_hook(lambda module, args, out: None)
+    assert not slices_unembedding(tiny)  # a forward hook on it sees the logits it expects
+    handle.remove()
+    tiny.unembed.forward = lambda x: torch.nn.functional.linear(x, tiny.unembed.weight)
+    assert not slices_unembedding(tiny)  # a forward of its own: it may compute something else
+    del tiny.unembed.forward
+    assert slices_unembedding(tiny)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])

@@ -19,7 +19,8 @@ nothing shared) on tiny models in ``tests/test_engine.py``:
    explicit position ids keep a padded prompt's positions those of the unpadded one.
 2. Logits at the last position only (``logits_to_keep=1``): a 262k-word unembedding at
    every position would cost more than the rest of the model. Rows whose prediction is not
-   wanted (``predict``: a dummy prompt is only read) get no logits at all.
+   wanted (``predict``: a dummy prompt is only read) get no logits at all. On a CPU the
+   argmax is taken slice by slice of the vocabulary (:func:`top_ids_sliced`), in cache.
 3. Shared prefixes: prompts with the same ``groups`` id share their longest common token
    prefix, which runs once; its key/value cache is then copied to each prompt, and only
    the remaining tokens run. A set's ICL prompt and its dummy-query prompts share the
@@ -41,7 +42,7 @@ from typing import Sequence
 import torch
 
 from .hooks import patch_hidden, read_hidden
-from .models import LanguageModel
+from .models import LanguageModel, computes_plain_linear
 
 # (layer, vector [d_model]) written over the last token's hidden state, or (layer, vector, position)
 # at another position, counted from the end of the prompt (-1 is the last token, -2 the one before).
@@ -242,6 +243,7 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     wanted = torch.ones(len(suffixes), dtype=torch.bool) if predict is None else torch.tensor(predict, dtype=torch.bool)
     n_wanted = int(wanted.sum())
     keep = wanted.nonzero().squeeze(1).to(device) if 0 < n_wanted < len(suffixes) else None
+    taken = [] if n_wanted and not logits and slices_unembedding(lm) else None
     cache = None
     if shared:
         # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
@@ -254,8 +256,8 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
         stack.enter_context(_patches(lm, sites, mode))
-        if keep is not None:
-            stack.enter_context(_unembed_rows(lm, keep))
+        if keep is not None or taken is not None:
+            stack.enter_context(_unembed_input(lm, keep, taken))
         out = lm.model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos, use_cache=cache is not None,
                        logits_to_keep=1 if n_wanted else _NO_LOGITS, **_cache_arg(lm, cache))
     stats.forwards += 1
@@ -265,27 +267,83 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     top = torch.full((len(suffixes),), -1, dtype=torch.long)
     all_logits = torch.zeros(len(suffixes), lm.unembed.weight.shape[0]) if logits else None
     if n_wanted:
-        last = out.logits[:, -1]  # [n_wanted, vocab]: the unembedding saw the wanted rows only
+        last = torch.cat(taken) if taken else out.logits[:, -1]  # [n_wanted, d_model or vocab]: the wanted rows only
         if last.shape[0] != n_wanted:
             raise RuntimeError(f"{lm.name} computes its logits without calling {lm.family.unembed}; tvlab.models.FAMILIES "
                                "must name the module the model's forward calls for its logits.")
-        top[wanted] = last.argmax(-1).cpu()
+        top[wanted] = top_ids_sliced(lm, last) if taken is not None else last.argmax(-1).cpu()
         if logits:
             all_logits[wanted] = last.float().cpu()
     return top, hidden, all_logits
 
 
 @contextlib.contextmanager
-def _unembed_rows(lm: LanguageModel, rows: torch.Tensor):
-    """The unembedding of this forward pass sees only ``rows`` of the batch (a device index tensor)."""
+def _unembed_input(lm: LanguageModel, rows: torch.Tensor | None, taken: list | None = None):
+    """The unembedding of this forward pass sees only ``rows`` of the batch (a device index tensor; None: all).
+
+    With ``taken`` (a list) it sees none of them: their inputs [rows, d_model] are appended to
+    ``taken`` instead, for :func:`top_ids_sliced`.
+    """
     def keep(module, args):
-        return (args[0].index_select(0, rows), *args[1:])
+        h = args[0] if rows is None else args[0].index_select(0, rows)
+        if taken is not None:
+            taken.append(h[:, -1])
+            h = h[:0]
+        return (h, *args[1:])
 
     handle = lm.unembed.register_forward_pre_hook(keep)
     try:
         yield
     finally:
         handle.remove()
+
+
+#: Vocabulary slice of :func:`top_ids_sliced`: the logits of a few hundred rows over 4,096 words stay
+#: in a CPU's cache, where a 262k-word row block would not (Gemma 3's unembedding then ran at 150 instead
+#: of 100 GFLOP/s for 225 rows on a 2-core AVX2 machine; benchmarks/bench_reproduce.py measures the whole).
+UNEMBED_SLICE = 4096
+
+
+def slices_unembedding(lm: LanguageModel) -> bool:
+    """Whether :func:`predict_last` takes its argmax from :func:`top_ids_sliced`: on a CPU, for an
+    unembedding that is a plain linear map in a float dtype (a GPU keeps the one large matmul, which it runs
+    well; a forward hook on the unembedding keeps the logits it expects to see)."""
+    w = lm.unembed.weight
+    return (lm.device.type == "cpu" and w.device.type == "cpu" and w.is_floating_point()
+            and computes_plain_linear(lm.unembed) and not hasattr(lm.unembed, "_hf_hook"))
+
+
+@torch.inference_mode()
+def top_ids_sliced(lm: LanguageModel, h: torch.Tensor) -> torch.Tensor:
+    """The argmax over the vocabulary of the unembedding of ``h`` [n, d_model], one slice of
+    :data:`UNEMBED_SLICE` words at a time, so that the [n, vocab] logits never exist at once.
+
+    Equal to ``logits.argmax(-1)`` of the model's own logits: the same matmul (and bias) per slice in
+    ``h``'s dtype (weights stored narrower are converted slice by slice, as the model converts them), the
+    family's final logit soft-capping (Gemma 2) applied as the model applies it, and on ties the first
+    word, as ``argmax`` picks it.
+    """
+    w_all, b_all = lm.unembed.weight, lm.unembed.bias
+    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+    n, vocab, dtype = h.shape[0], w_all.shape[0], h.dtype
+    best = torch.full((n,), float("-inf"), dtype=dtype)
+    top = torch.zeros(n, dtype=torch.long)
+    buf = torch.empty(n, min(UNEMBED_SLICE, vocab), dtype=dtype)
+    for start in range(0, vocab, UNEMBED_SLICE):
+        part = slice(start, start + UNEMBED_SLICE)
+        w = w_all[part].to(dtype)
+        out = buf[:, :w.shape[0]]
+        if b_all is None:
+            torch.mm(h, w.t(), out=out)
+        else:
+            torch.addmm(b_all[part].to(dtype), h, w.t(), out=out)
+        if cap is not None:
+            out.div_(cap).tanh_().mul_(cap)
+        i = out.argmax(-1)
+        m = out.gather(1, i.unsqueeze(1)).squeeze(1)
+        better = m > best  # strict: an equal value in a later slice keeps the earlier word
+        best, top = torch.where(better, m, best), torch.where(better, i + start, top)
+    return top
 
 
 def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups: Sequence[int] | None = None,

@@ -635,6 +635,15 @@ def _linear_upcast(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def computes_plain_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes ``F.linear(x, weight, bias)`` with its weight and bias converted to ``x``'s
+    dtype, and nothing else: a plain ``nn.Linear`` (or one that tvlab's :func:`_compute_in` converts as it goes)
+    with no forward hooks that could change or read its output."""
+    forward = vars(module).get("forward")
+    return (type(module) is torch.nn.Linear and not module._forward_hooks
+            and (forward is None or getattr(forward, "__func__", None) is _linear_upcast))
+
+
 def _embedding_upcast(self: torch.nn.Embedding, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The rows looked up in the stored dtype, then converted; Gemma's scale applied in ``dtype``."""
     rows = torch.nn.functional.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
