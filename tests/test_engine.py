@@ -245,6 +245,16 @@ def test_the_sliced_argmax_on_a_cpu_equals_the_models_own_logits(model_type, mon
     assert torch.equal(sliced.top_ids, full.top_ids) and torch.equal(sliced.top_ids, plain.top_ids)
 
 
+@pytest.mark.parametrize("logits", [False, True])
+def test_an_unembedding_the_forward_never_calls_is_an_error_not_wrong_answers(logits):
+    lm = tvlab.tiny_model("llama")
+    lm.model.unused_head = torch.nn.Linear(lm.d_model, lm.unembed.weight.shape[0], bias=False)
+    lm.family = dataclasses.replace(lm.family, unembed="unused_head")
+    prompts, groups = _prompt_groups(lm, n_sets=2)
+    with pytest.raises(RuntimeError, match="must name the module the model's forward calls"):
+        predict_last(lm, prompts, groups=groups, logits=logits, predict=[i % 3 == 0 for i in range(len(prompts))])
+
+
 def test_top_ids_sliced_keeps_the_first_of_tied_words_as_argmax_does():
     lm = tvlab.tiny_model("llama")
     w = lm.unembed.weight

@@ -267,8 +267,11 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     top = torch.full((len(suffixes),), -1, dtype=torch.long)
     all_logits = torch.zeros(len(suffixes), lm.unembed.weight.shape[0]) if logits else None
     if n_wanted:
-        last = torch.cat(taken) if taken else out.logits[:, -1]  # [n_wanted, d_model or vocab]: the wanted rows only
-        if last.shape[0] != n_wanted:
+        if taken is None:
+            last = out.logits[:, -1]  # [n_wanted, vocab]: the unembedding saw the wanted rows only
+        else:  # [n_wanted, d_model]: what the unembedding was handed, if the model's forward called it
+            last = taken[0] if len(taken) == 1 else None
+        if last is None or last.shape[0] != n_wanted:
             raise RuntimeError(f"{lm.name} computes its logits without calling {lm.family.unembed}; tvlab.models.FAMILIES "
                                "must name the module the model's forward calls for its logits.")
         top[wanted] = top_ids_sliced(lm, last) if taken is not None else last.argmax(-1).cpu()
