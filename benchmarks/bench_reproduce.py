@@ -11,8 +11,10 @@ Each measurement runs in its own subprocess so that its peak RSS is its own:
   plain per-example loop (one prompt per forward; each layer of the sweep a full forward),
   side by side in one process: speed ratio and share of identical predictions.
 * MFU: forward FLOPs done per second (``ForwardStats.flops``) over this machine's
-  matrix-multiply throughput, measured in the same process right before and right after the run
-  (the higher of the two: on a shared host the same matmul's speed varies from minute to minute).
+  matrix-multiply throughput, measured in the same process before the run, after each task (each
+  block of tasks on a GPU) and at the end; the probes' time is left out of the run time. On a shared host the same matmul's
+  speed varies from minute to minute, so ``mfu`` divides by the highest reading (a lower MFU, never
+  a higher one) and ``mfu_median_peak`` by the median one, the throughput the run typically had.
 
 Results are printed as a table and written to ``benchmarks/results/<host>.json``.
 """
@@ -23,6 +25,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -56,23 +59,36 @@ def _peak_rss_gb() -> float:
 def run_full(dtype: str, tasks: list[str] | None, config_kwargs: dict) -> dict:
     import tvlab
 
-    before = matmul_peak(getattr(torch, dtype))
+    probes = [matmul_peak(getattr(torch, dtype))]
+    probe_s = [0.0]
+    inner = tvlab.reproduce.run_prepared_tasks
+
+    def probed(*args, **kwargs):  # run_main's one call per block of tasks (one task on a CPU), then a probe
+        runs = inner(*args, **kwargs)
+        t = time.perf_counter()
+        probes.append(matmul_peak(getattr(torch, dtype), repeats=3))
+        probe_s[0] += time.perf_counter() - t
+        return runs
+
     t0 = time.perf_counter()
     lm = tvlab.load_model(dtype=dtype)
     load_s = time.perf_counter() - t0
     config = tvlab.ExperimentConfig(**config_kwargs)
-    results = tvlab.reproduce.run_main(lm, tasks or tvlab.list_tasks(include_extra=False), config, progress=False)
-    # Measured again after the run: on a shared host the speed of the same matmul varies by a third from
-    # minute to minute, and the higher of the two is the honest ceiling (a lower MFU, never a higher one).
-    after = matmul_peak(getattr(torch, dtype))
-    peak = max(before, after)
+    tvlab.reproduce.run_prepared_tasks = probed
+    try:
+        results = tvlab.reproduce.run_main(lm, tasks or tvlab.list_tasks(include_extra=False), config, progress=False)
+    finally:
+        tvlab.reproduce.run_prepared_tasks = inner
+    probes.append(matmul_peak(getattr(torch, dtype)))
+    run_s = results.seconds - probe_s[0]
+    peak, median = max(probes), statistics.median(probes)
     flops = results.stats.flops(lm)
     means = results.summary[["baseline", "icl", "task_vector"]].mean()
-    return {"mode": f"full-{dtype}", "tasks": len(results.summary), "load_s": load_s, "run_s": results.seconds,
-            "tokens": results.stats.tokens, "tokens_per_s": results.stats.tokens / results.seconds,
-            "gflop": flops / 1e9, "gflop_per_s": flops / results.seconds / 1e9, "peak_gflop_per_s": peak / 1e9,
-            "peak_before_after_gflop_per_s": [round(before / 1e9, 1), round(after / 1e9, 1)],
-            "mfu": flops / results.seconds / peak, "peak_rss_gb": _peak_rss_gb(),
+    return {"mode": f"full-{dtype}", "tasks": len(results.summary), "load_s": load_s, "run_s": run_s,
+            "tokens": results.stats.tokens, "tokens_per_s": results.stats.tokens / run_s,
+            "gflop": flops / 1e9, "gflop_per_s": flops / run_s / 1e9, "peak_gflop_per_s": peak / 1e9,
+            "median_peak_gflop_per_s": median / 1e9, "peak_probes_gflop_per_s": [round(p / 1e9, 1) for p in probes],
+            "mfu": flops / run_s / peak, "mfu_median_peak": flops / run_s / median, "peak_rss_gb": _peak_rss_gb(),
             "means": {k: round(float(v), 4) for k, v in means.items()}}
 
 
@@ -138,7 +154,9 @@ def main() -> None:
     for r in results[:2]:
         print(f"{r['mode']:14s} {r['tasks']} tasks: run {r['run_s']:.0f} s (+ load {r['load_s']:.0f} s), "
               f"peak RSS {r['peak_rss_gb']:.2f} GB, {r['tokens_per_s']:.0f} tokens/s, {r['gflop_per_s']:.0f} GFLOP/s "
-              f"of {r['peak_gflop_per_s']:.0f} measured matmul peak -> MFU {r['mfu']:.0%}; means {r['means']}")
+              f"of {r['peak_gflop_per_s']:.0f} highest measured matmul peak -> MFU {r['mfu']:.0%} "
+              f"({r['mfu_median_peak']:.0%} of the median {r['median_peak_gflop_per_s']:.0f} of "
+              f"{len(r['peak_probes_gflop_per_s'])} probes); means {r['means']}")
     c = results[2]
     print(f"plain vs fast  {', '.join(c['tasks'])} ({compare_config}): plain {c['plain_s']:.1f} s, fast {c['fast_s']:.1f} s "
           f"-> {c['speedup']:.1f}x faster; {c['identical']:.1%} of {c['predictions']} predictions identical")

@@ -57,3 +57,18 @@ def test_overhead_measurement_runs_the_protocol(monkeypatch):
     together = bench_overhead._measure(tasks_per_call=4)
     assert together["means"] == result["means"] and together["forwards"] < result["forwards"]
     assert result["forwards"] > 0 and result["tokens"] > 0 and 0 < result["forward_s"] < result["wall_s"]
+
+
+def test_full_run_probes_the_peak_between_tasks_and_divides_by_the_highest(monkeypatch):
+    import tvlab
+
+    tiny = tvlab.load_model("tiny-llama")
+    monkeypatch.setattr(tvlab, "load_model", lambda dtype=None: tiny)
+    readings = iter([90e9, 120e9, 60e9, 100e9])  # before, after each of the 2 tasks, after the run
+    monkeypatch.setattr(bench_reproduce, "matmul_peak", lambda dtype, repeats=6: next(readings))
+    inner = tvlab.reproduce.run_prepared_tasks
+    r = bench_reproduce.run_full("float32", ["antonyms", "next_letter"], {"n_test": 2, "n_dev": 2, "n_baseline": 2})
+    assert tvlab.reproduce.run_prepared_tasks is inner  # the probe is taken off again
+    assert r["tasks"] == 2 and r["peak_probes_gflop_per_s"] == [90.0, 120.0, 60.0, 100.0]
+    assert r["peak_gflop_per_s"] == 120.0 and r["median_peak_gflop_per_s"] == 95.0
+    assert 0 < r["mfu"] < r["mfu_median_peak"] and abs(r["mfu"] * 120 / (r["mfu_median_peak"] * 95) - 1) < 1e-9
