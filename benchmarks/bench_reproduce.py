@@ -11,10 +11,11 @@ Each measurement runs in its own subprocess so that its peak RSS is its own:
   plain per-example loop (one prompt per forward; each layer of the sweep a full forward),
   side by side in one process: speed ratio and share of identical predictions.
 * MFU: forward FLOPs done per second (``ForwardStats.flops``) over this machine's
-  matrix-multiply throughput, measured in the same process before the run, after each task (each
-  block of tasks on a GPU) and at the end; the probes' time is left out of the run time. On a shared host the same matmul's
-  speed varies from minute to minute, so ``mfu`` divides by the highest reading (a lower MFU, never
-  a higher one) and ``mfu_median_peak`` by the median one, the throughput the run typically had.
+  matrix-multiply throughput, measured in the same process before the run, after each task
+  (each block of tasks on a GPU) and at the end; the probes' time is left out of the run time.
+  On a shared host the same matmul's speed varies from minute to minute, so ``mfu`` divides by
+  the highest reading (a lower MFU, never a higher one) and ``mfu_median_peak`` by the median,
+  the throughput the run typically had.
 
 Results are printed as a table and written to ``benchmarks/results/<host>.json``.
 """
