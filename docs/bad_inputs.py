@@ -80,6 +80,12 @@ def _cases(tmp: Path):
         with torch.no_grad(), tvlab.read_hidden(lm, position=40):
             lm.model(input_ids=torch.tensor([[2, 5, 6]]))
 
+    def wrong_patch():
+        ids = lm.tokenizer("example:big->").input_ids
+        every_layer = tvlab.engine.predict_last(lm, [ids], read=True).hidden[0]  # [n_layers, d_model]
+        with tvlab.patch_hidden(lm, 2, -1, every_layer):
+            tvlab.engine.predict_last_plain(lm, [ids])
+
     def not_utf8():
         (tmp / "latin-1.csv").write_bytes("café,coffee\n".encode("latin-1"))
         tvlab.load_task(tmp / "latin-1.csv")
@@ -93,6 +99,16 @@ def _cases(tmp: Path):
         with mock.patch("torch.cuda.is_available", lambda: False), mock.patch("torch.backends.cuda.is_built", lambda: False), \
                 mock.patch("torch.__version__", "2.8.0+cpu"):  # the same page on every machine
             _command_line(*argv)
+
+    def grade_into_folder():
+        from tvlab import course
+
+        (tmp / "subs" / "alice").mkdir(parents=True, exist_ok=True)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            course.main(["grade", str(HERE.parent / "notebooks" / "01_icl_basics.ipynb"), "--submissions",
+                         str(tmp / "subs"), "--out", str(tmp / "subs")])
+        raise Printed(err.getvalue().strip())
 
     few = [{"input": "hot", "output": "cold"}, {"input": "big", "output": "small"}]
 
@@ -134,6 +150,14 @@ def _cases(tmp: Path):
             lambda: tvlab.load_task(task_file("t.json", '[{"input": "a", "output": "b"}, {"input": "a", "output": "c"}]')))),
         ("Task", "one input, two outputs, in a Task built in code (and tvlab's own data)", lambda: tvlab.Task(
             "t", "custom", (tvlab.Pair("a", "b"), tvlab.Pair("a", "c")))),
+        ("Task", "a row repeated in a task file (a warning; kept once)", lambda: as_error(
+            lambda: tvlab.load_task(task_file("t.csv", "hot,cold\nup,down\nhot,cold\n")))),
+        ("Task", "a pair listed twice in a Task built in code", lambda: tvlab.Task(
+            "t", "custom", (tvlab.Pair("a", "b"), tvlab.Pair("a", "b")))),
+        ("Task", "a task file row whose accept is not a list", lambda: tvlab.load_task(task_file(
+            "t.json", '[{"input": "a", "output": "b", "accept": 5}]'))),
+        ("Task", "an unknown scoring rule", lambda: tvlab.Task("t", "custom", (tvlab.Pair("a", "b"),), scoring="Exact")),
+        ("Task", "a list of tasks where one is expected", lambda: tvlab.run_task(lm, ["antonyms", "fr_en"], small)),
         ("Task", "a JSON object task file with an answer that is not a string", lambda: tvlab.load_task(task_file(
             "t.json", '{"hot": "cold", "big": {"size": "small"}}'))),
         ("Task", "a CSV row with three columns", lambda: tvlab.load_task(task_file("t.csv", "a,b\nc,d,e\n"))),
@@ -144,6 +168,9 @@ def _cases(tmp: Path):
             lm, ["antonyms", task_file("p.json", json.dumps(phrases)), task_file("few.json", json.dumps(few))], small,
             progress=False)),
         ("Settings", "a layer out of range", lambda: tvlab.explore.three_predictions(lm, "antonyms", "hot", layer=4)),
+        ("Settings", "a layer that is not a whole number", lambda: tvlab.explore.three_predictions(lm, "antonyms", "hot", layer=2.5)),
+        ("Settings", "a patch of the wrong shape (a task vector of every layer)", wrong_patch),
+        ("Settings", "text where token ids are expected", lambda: tvlab.engine.predict_last(lm, ["example:big->"])),
         ("Settings", "a zero or negative count", lambda: tvlab.ExperimentConfig(n_test=0)),
         ("Settings", "more demonstrations than the context allows", lambda: tvlab.run_task(
             lm, "antonyms", tvlab.ExperimentConfig(n_demos=120, n_test=1, n_dev=1, n_baseline=1))),
@@ -164,6 +191,7 @@ def _cases(tmp: Path):
         ("Command line", "`--out` naming a file", lambda: _command_line("--out", str(blocker))),
         ("Command line", "a negative `--seed`", lambda: _command_line("--seed", "-5")),
         ("Command line", "`--remote` without `--backend nnsight`", lambda: _command_line("--remote")),
+        ("Command line", "`tvlab course grade --out` naming a folder (refused before grading)", grade_into_folder),
         ("Command line", "bad task names and a task listed twice (all reported before loading)", lambda: _command_line(
             "--tasks", "antonym,antonyms", "antonyms", str(tmp / "missing.json"), "--out", str(tmp))),
     ]

@@ -307,6 +307,16 @@ def test_cli_errors(tmp_path, capsys):
     assert course.main(["grade", str(src), "--submissions", str(tmp_path / "flat"), "--out",
                         str(tmp_path / "g.csv")]) == 2
     assert "put each in a folder named for its student" in capsys.readouterr().err
+    (tmp_path / "subs" / "alice").mkdir(parents=True)
+    shutil.copy(src, tmp_path / "subs" / "alice" / "basics.ipynb")
+    (tmp_path / "afile").write_text("")
+    for out, more, said in ((tmp_path / "subs", [], "is a folder; --out names the grades file"),
+                            (tmp_path / "afile" / "g.csv", [], "afile is a file, not a folder"),
+                            (tmp_path / "g.csv", ["--feedback", str(tmp_path / "afile")], "name a folder for the feedback")):
+        # refused before any notebook is graded (no kernel starts), so a bad path loses no work
+        assert course.main(["grade", str(src), "--submissions", str(tmp_path / "subs"), "--out", str(out), *more]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "g.csv").exists()
     assert course.main(["release", str(src), "--out", str(tmp_path / "rel")]) == 0
     assert (tmp_path / "rel" / "basics.ipynb").exists()
 

@@ -224,3 +224,113 @@ def test_cli_shows_a_task_file_warning_as_one_plain_line(tmp_path, monkeypatch, 
     assert main(ARGS + ["--tasks", path, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "tvlab: warning: " in err and "1 input(s) have several outputs ('big')" in err and "UserWarning" not in err
+
+
+# --------------------------------------------------------------------------- data from other projects, values from NumPy
+
+def test_repeated_rows_in_a_task_file_are_kept_once_and_named(tmp_path):
+    rows = ["hot,cold", "up,down", "big,small", "left,right", "hot,cold", "up,down", "hot,chilly"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        task = tvlab.load_task(tmp_path / "t.csv")
+    said = " ".join(str(w.message) for w in caught)
+    assert "1 row(s) repeat an earlier row" in said and "1 input(s) have several outputs ('hot')" in said
+    assert task.pairs == (tvlab.Pair("hot", "cold", ("chilly",)), tvlab.Pair("up", "down"), tvlab.Pair("big", "small"),
+                          tvlab.Pair("left", "right"))
+    with pytest.raises(TaskError, match="listed twice"):  # in code, a repeated pair is an error
+        tvlab.Task("t", "custom", (tvlab.Pair("a", "b"), tvlab.Pair("a", "b")))
+
+
+@pytest.mark.parametrize("row, pair", [
+    ({"input": "a", "output": "b", "accept": None}, tvlab.Pair("a", "b")),       # pandas writes NaN as null
+    ({"input": "a", "output": ["b", "c"]}, tvlab.Pair("a", "b", ("c",))),       # a list of outputs, as in {"a": ["b", "c"]}
+    ({"input": "a", "output": "b", "accept": "c"}, tvlab.Pair("a", "b", ("c",))),
+    ({"input": 7, "output": 8}, tvlab.Pair("7", "8")),
+])
+def test_task_file_rows_from_other_tools_load_as_meant(tmp_path, row, pair):
+    assert tvlab.load_task(_write(tmp_path / "t.json", [row])).pairs == (pair,)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"input": None, "output": "b"}, "has the input None; it must be a string"),
+    ({"input": "a", "output": "b", "accept": 5}, "has accept 5; it must be a list"),
+])
+def test_task_file_rows_that_cannot_be_pairs_name_the_row(tmp_path, row, message):
+    with pytest.raises(TaskError, match=message):
+        tvlab.load_task(_write(tmp_path / "t.json", [row]))
+
+
+def test_pairs_and_tasks_built_in_code_take_what_users_write():
+    assert tvlab.Pair("big", "small", accept="little").answers == ("small", "little")  # not its letters
+    task = tvlab.Task("t", "custom", [("a", "b"), ("c", "d", ["e"])])
+    assert task.pairs == (tvlab.Pair("a", "b"), tvlab.Pair("c", "d", ("e",)))
+    with pytest.raises(TaskError, match="scoring must be 'exact' or 'prefix', got 'Exact'"):
+        tvlab.Task("t", "custom", task.pairs, scoring="Exact")
+    with pytest.raises(TaskError, match="expected a Pair"):
+        tvlab.Task("t", "custom", ["a->b"])
+
+
+def test_numpy_integers_count_as_whole_numbers_and_other_values_say_why(tiny):
+    import numpy as np
+
+    assert tiny.check_layer(np.int64(2)) == 2 and type(tiny.check_layer(np.int64(2))) is int
+    for bad in (2.0, True, "2"):
+        with pytest.raises(ValueError, match="layer must be a whole number, a block index from 0 to 3"):
+            tiny.check_layer(bad)
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        tiny.check_layer(9)
+    config = tvlab.ExperimentConfig(n_demos=np.int64(4), n_test=np.int32(3))
+    assert (config.n_demos, config.n_test) == (4, 3) and json.dumps(config.as_dict())
+    with pytest.raises(ValueError, match="n_test must be a whole number >= 1, got True"):
+        tvlab.ExperimentConfig(n_test=True)
+    task = tvlab.get_task("antonyms")
+    theta = tvlab.extract_task_vector(tiny, task.pairs[:3], task.pairs[3:5], layer=np.int64(1))
+    assert torch.equal(theta, tvlab.extract_task_vector(tiny, task.pairs[:3], task.pairs[3:5], layer=1))
+
+
+def test_one_name_where_a_list_is_expected_is_one_task_and_a_list_where_one_is_expected_says_so(tiny):
+    small = tvlab.ExperimentConfig(n_dev=2)
+    assert set(tvlab.layer_sweep(tiny, "antonyms", small)["task"]) == {"antonyms"}
+    frame = tvlab.explore.icl_vs_demos(tiny, "antonyms", 2, n_sets=2)
+    assert list(frame["task"]) == ["antonyms"] and list(frame["n_demos"]) == [2]
+    with pytest.raises(TaskError, match="expected one task, got 2"):
+        tvlab.run_task(tiny, ["antonyms", "fr_en"], SMALL)
+
+
+def test_bad_arguments_to_the_lower_level_api_say_what_to_pass(tiny):
+    task = tvlab.get_task("antonyms")
+    with pytest.raises(ValueError, match="at least one dummy query"):
+        tvlab.extract_task_vector(tiny, task.pairs[:3], [], layer=1)
+    with pytest.raises(ValueError, match="demos must be Pair"):
+        tvlab.extract_task_vector(tiny, [("hot", "cold")], task.pairs[3:5], layer=1)
+    with pytest.raises(ValueError, match="not a Task"):
+        tvlab.extract_task_vector(tiny, task, task.pairs[3:5], layer=1)
+    one = tvlab.extract_task_vector(tiny, task.pairs[:3], task.pairs[3], layer=1)  # a single dummy Pair
+    assert one.shape == (tiny.d_model,)
+    with pytest.raises(ValueError, match="token ids, not text"):
+        tvlab.engine.predict_last(tiny, ["example:big->"])
+    ids = tiny.tokenizer("example:big->").input_ids
+    theta = tvlab.engine.predict_last(tiny, [ids], read=True).hidden[0]
+    with tvlab.patch_hidden(tiny, 2, -1, theta[2].numpy()):  # a NumPy vector is a vector
+        assert tvlab.engine.predict_last_plain(tiny, [ids]).top_ids.shape == (1,)
+    for value, message in ((None, "must be a tensor of size 64"), (theta, r"4 vectors but 1 row\(s\) are patched"),
+                           (theta[:, :8], r"shape \[4, 8\] but must be \[64\]")):
+        with pytest.raises(ValueError, match=message):
+            with tvlab.patch_hidden(tiny, 2, -1, value):
+                tvlab.engine.predict_last_plain(tiny, [ids])
+    with pytest.raises(ValueError, match="position must be a whole number"):
+        with tvlab.patch_hidden(tiny, 2, "last", theta[2]):
+            pass
+    with tvlab.read_hidden(tiny, layers=2) as rec:  # one layer
+        tvlab.engine.predict_last_plain(tiny, [ids])
+    assert rec.hidden.shape == (1, 1, tiny.d_model)
+
+
+def test_a_small_task_of_ones_own_gives_a_prompt_and_says_what_to_add(tiny, tmp_path):
+    rows = ["hot,cold", "up,down", "big,small", "left,right", "fast,slow", "old,new", "wet,dry", "hard,soft"]
+    (tmp_path / "small8.csv").write_text("\n".join(rows) + "\n")
+    task = tvlab.load_task(tmp_path / "small8.csv")
+    prompt = tvlab.explore.icl_prompt(tiny, task, 3, "cat")
+    assert prompt.count("->") == 4 and prompt.endswith("cat->")
+    with pytest.raises(TaskError, match="8 usable pairs remain but a set needs 10. Add pairs to the task, or use fewer"):
+        tvlab.run_task(tiny, task, tvlab.ExperimentConfig(n_demos=7, n_test=2, n_dev=2, n_baseline=2))

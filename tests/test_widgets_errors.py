@@ -36,3 +36,19 @@ def test_bad_input_is_still_a_short_message(tiny):
     e = widgets.icl_explorer(tiny)
     e.controls["query"].value = " "
     assert e.error == "type a query in the box" and e.out.outputs[0]["text"] == "type a query in the box\n"
+
+
+def test_a_misspelt_or_missing_task_is_named_before_any_widget_is_built(tiny, tmp_path):
+    import pandas as pd
+    import pytest
+
+    with pytest.raises(tvlab.tasks.TaskError, match="unknown task 'antonym'. Did you mean antonyms"):
+        widgets.icl_explorer(tiny, task="antonym")
+    rows = ["hot,cold", "up,down", "big,small", "left,right", "fast,slow", "old,new", "wet,dry", "hard,soft"]
+    (tmp_path / "mine.csv").write_text("\n".join(rows) + "\n")
+    e = widgets.icl_explorer(tiny, task=str(tmp_path / "mine.csv"), n_demos=2)  # a task file is offered too
+    e.refresh()
+    assert e.error is None and e.controls["task"].options[0] == str(tmp_path / "mine.csv")
+    by_layer = pd.DataFrame({"task": ["antonyms"] * 2, "category": ["linguistic"] * 2, "layer": [0, 1], "accuracy": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="'fr_en' are not in this frame; it has antonyms"):
+        widgets.layer_explorer(by_layer, tasks=["fr_en"])

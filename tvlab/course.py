@@ -1077,6 +1077,21 @@ def _write_feedback(nb, rows: list[dict], stem: str, score: float, max_score: fl
     out.write_text(html, encoding="utf-8")
 
 
+def _check_writable(path: Path, folder: bool) -> None:
+    """A CourseError unless ``path`` can be written: a folder (``folder``) or a file, with no file in the way."""
+    if folder and path.exists() and not path.is_dir():
+        raise CourseError(f"{path}: is a file, not a folder; name a folder for the feedback (--feedback DIR)")
+    if not folder and path.is_dir():
+        raise CourseError(f"{path}: is a folder; --out names the grades file, e.g. {path / 'grades.csv'}")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CourseError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise CourseError(f"cannot write {path}: no permission to write in {existing}")
+
+
 def grade(source: Path | list[Path], submissions: Path, out_csv: Path, feedback_dir: Path | None = None,
           timeout: int = 120, *, strict_stderr: bool = False, forbidden_modules: Iterable[str] = FORBIDDEN_MODULES,
           feedback_hidden_tests: bool = False, progress: bool = False, verbose: bool = False) -> pd.DataFrame:
@@ -1109,6 +1124,9 @@ def grade(source: Path | list[Path], submissions: Path, out_csv: Path, feedback_
         raise CourseError(f"{submissions}: no student folders (expected SUBMISSIONS/<student>/<notebook>.ipynb){hint}")
     if timeout is not None and timeout <= 0:
         raise CourseError(f"timeout must be a positive number of seconds, got {timeout}")
+    _check_writable(Path(out_csv), folder=False)  # before any grading: a late failure would lose every grade
+    if feedback_dir is not None:
+        _check_writable(Path(feedback_dir), folder=True)
     rows: list[dict] = []
     handler = logging.StreamHandler(sys.stderr) if verbose else None
     if handler:

@@ -41,6 +41,7 @@ from typing import Sequence
 
 import torch
 
+from ._checks import whole_number
 from .hooks import patch_hidden, read_hidden
 from .models import LanguageModel, computes_plain_linear
 
@@ -371,10 +372,14 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts to run.")
+    if isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts are lists of token ids, not text: tokenize first, e.g. [lm.tokenizer(text).input_ids].")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt has no tokens.")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a whole number >= 1 or None (chosen from free memory), got {batch_size!r}.")
+    if batch_size is not None:
+        if whole_number(batch_size) is None or whole_number(batch_size) < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1 or None (chosen from free memory), got {batch_size!r}.")
+        batch_size = whole_number(batch_size)
     groups = list(range(n)) if groups is None else list(groups)
     patches = [None] * n if patches is None else list(patches)
     if len(groups) != n or len(patches) != n:

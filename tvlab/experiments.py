@@ -30,11 +30,12 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from ._checks import whole_number
 from .engine import ForwardStats, predict_last, predict_last_plain
 from .models import LanguageModel, decode_token
 from .prompts import (FilterReport, PromptFormat, PromptSet, get_format, prompt_ids, sample_sets,
                       single_token_filter)
-from .tasks import Pair, Task, get_task
+from .tasks import Pair, Task, as_task_list, get_task
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,15 @@ class ExperimentConfig:
     fast_path: bool = True     # False: one prompt per forward, a full forward per layer (the reference)
 
     def __post_init__(self) -> None:
-        for name in ("n_test", "n_dev", "n_baseline", "n_dummies", "batch_size"):
+        for name, least in (("n_test", 1), ("n_dev", 1), ("n_baseline", 1), ("n_dummies", 1), ("batch_size", 1),
+                            ("n_demos", 0), ("seed", 0)):
             value = getattr(self, name)
             if name == "batch_size" and value is None:
                 continue
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
-        for name in ("n_demos", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}.")
+            number = whole_number(value)
+            if number is None or number < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}.")
+            object.__setattr__(self, name, number)  # a NumPy integer is kept as an int (as_dict goes to JSON)
         from .prompts import FORMATS
 
         if self.format not in FORMATS:
@@ -152,7 +152,15 @@ def icl_and_task_vectors(lm: LanguageModel, sets: Sequence[PromptSet], fmt: Prom
 def extract_task_vector(lm: LanguageModel, demos: Sequence[Pair], dummies: Sequence[Pair], layer: int,
                         fmt: PromptFormat | str = "paper") -> torch.Tensor:
     """θ(S) at ``layer`` from demonstrations S and dummy queries: ``[d_model]``."""
-    lm.check_layer(layer)
+    layer = lm.check_layer(layer)
+    if isinstance(demos, Task) or isinstance(dummies, Task):
+        raise ValueError("demos and dummies are lists of pairs, not a Task: e.g. task.pairs[:5] and task.pairs[5:7].")
+    demos, dummies = list(demos), [dummies] if isinstance(dummies, Pair) else list(dummies)
+    if not dummies:
+        raise ValueError("extract_task_vector needs at least one dummy query (θ is read at a query's last token).")
+    for what, pairs in (("demos", demos), ("dummies", dummies)):
+        if not all(isinstance(p, Pair) for p in pairs):
+            raise ValueError(f"{what} must be Pair(input, output) examples, e.g. task.pairs[:5]; got {pairs[:2]!r}.")
     fmt = get_format(fmt).with_prefix(lm.prompt_prefix)
     _, thetas = icl_and_task_vectors(lm, [PromptSet(tuple(demos), dummies[0], tuple(dummies))], fmt, with_icl=False)
     return thetas[0, layer]
@@ -249,7 +257,7 @@ def layer_sweep(lm: LanguageModel, tasks: Sequence[str | Task], config: Experime
     config = config or ExperimentConfig()
     engine_args = {"batch_size": config.batch_size, "stats": None, "fast": config.fast_path}
     rows = []
-    for name in tasks:
+    for name in as_task_list(tasks):
         task, _ = prepare_task(lm, name, config)
         rows += _sweep_rows(lm, task, _dev_sets(task, config), prompt_format(lm, config), engine_args)
     return layer_accuracy(pd.DataFrame(rows))

@@ -25,7 +25,8 @@ from .engine import next_token_logits, predict_last
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format, zero_shot_predictions
 from .models import LanguageModel, decode_token
 from .prompts import FORMATS, Pair, PromptSet, get_format, sample_sets, single_token_filter, tokenize
-from .tasks import Task, get_task
+from ._checks import whole_number
+from .tasks import Task, as_task_list, get_task
 
 
 def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2) -> pd.DataFrame:
@@ -52,7 +53,7 @@ def icl_prompt(lm: LanguageModel, task: str | Task, n_demos: int, query: str, se
     if n_demos < 0:
         raise ValueError(f"n_demos must be >= 0, got {n_demos}.")
     # Nested demonstrations: the prompt with n demonstrations starts like the one with n + 1.
-    demos = sample_sets(pool, 1, max(n_demos, 10), seed, "explore")[0].demos[:n_demos]
+    demos = sample_sets(pool, 1, max(n_demos, min(10, len(pool) - 1)), seed, "explore")[0].demos[:n_demos]
     return get_format(fmt).with_prefix(lm.prompt_prefix).render(demos, query)
 
 
@@ -62,8 +63,8 @@ def icl_vs_demos(lm: LanguageModel, tasks: Sequence[str | Task], n_demos: Sequen
 
     0 demonstrations is the zero-shot baseline. For each count, ``n_sets`` independent sets.
     """
-    rows = []
-    for name in tasks:
+    rows, n_demos = [], [n_demos] if whole_number(n_demos) is not None else list(n_demos)
+    for name in as_task_list(tasks):
         config = ExperimentConfig(n_demos=max(n_demos), format=fmt, seed=seed)
         task, _ = prepare_task(lm, name, config)
         fmt_ = prompt_format(lm, config)

@@ -31,6 +31,7 @@ import torch
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format
 from .models import LanguageModel
 from .prompts import sample_sets
+from .tasks import as_task_list
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def collect_task_vectors(lm: LanguageModel, tasks: Sequence[str], n_per_task: in
     """``n_per_task`` task vectors per task, each from its own independently sampled S."""
     config = ExperimentConfig(n_demos=n_demos, seed=seed, format=fmt, batch_size=batch_size)
     vectors, labels = [], []
-    for name in tasks:
+    for name in as_task_list(tasks):
         task, _ = prepare_task(lm, name, config)
         sets = sample_sets(task, n_per_task, n_demos, seed, "geometry", config.n_dummies)
         _, thetas = icl_and_task_vectors(lm, sets, prompt_format(lm, config), with_icl=False, batch_size=batch_size)

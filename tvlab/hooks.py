@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ._checks import whole_number
 from .models import LanguageModel
 
 
@@ -69,7 +70,11 @@ class HiddenRecorder:
 @contextlib.contextmanager
 def read_hidden(lm: LanguageModel, layers: Sequence[int] | None = None, position: int = -1) -> Iterator[HiddenRecorder]:
     """Record the output of blocks ``layers`` (default: all) at ``position``, detached."""
-    layers = list(range(lm.n_layers)) if layers is None else [lm.check_layer(layer) for layer in layers]
+    if layers is None:
+        layers = range(lm.n_layers)
+    elif whole_number(layers) is not None:
+        layers = [layers]  # one layer
+    layers = [lm.check_layer(layer) for layer in layers]
     rec = HiddenRecorder(layers)
 
     def make_hook(layer: int):
@@ -97,16 +102,33 @@ def patch_hidden(lm: LanguageModel, layer: int, position: int, value: torch.Tens
     ``rows`` restricts the patch to those batch rows (default: all). The value is cast to
     the activation's dtype and device.
     """
-    lm.check_layer(layer)
+    layer = lm.check_layer(layer)
     if mode not in ("replace", "add"):
         raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}.")
-    if value.shape[-1] != lm.d_model:
-        raise ValueError(f"the patch has size {value.shape[-1]} but the model's hidden size is {lm.d_model}.")
+    if whole_number(position) is None:
+        raise ValueError(f"position must be a whole number counted from the end of the prompt (-1: the last token), "
+                         f"got {position!r}.")
+    position = whole_number(position)
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)  # a NumPy array or a list of numbers
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"the patch value must be a tensor of size {lm.d_model} (or [n_rows, {lm.d_model}]), "
+                             f"got {type(value).__name__}.") from None
+    n_rows = None if rows is None else len(rows)
+    if value.ndim not in (1, 2) or value.shape[-1] != lm.d_model or (value.ndim == 2 and n_rows not in (None, value.shape[0])):
+        raise ValueError(f"the patch has shape {list(value.shape)} but must be [{lm.d_model}] (the model's hidden size) "
+                         f"or [n_rows, {lm.d_model}] with one vector per patched row; for one layer of a task vector "
+                         "bank take that layer's row.")
 
     def hook(module, args, output):
         h = _hidden_of(output, layer)  # [batch, pos, d_model]
         pos = _check_position(position, h.shape[1])
         idx = torch.arange(h.shape[0], device=h.device) if rows is None else torch.as_tensor(rows, device=h.device)
+        if value.ndim == 2 and value.shape[0] != len(idx):
+            raise ValueError(f"the patch has {value.shape[0]} vectors but {len(idx)} row(s) are patched: give one vector "
+                             f"[{lm.d_model}] for all of them, or one per row (a task vector of every layer is "
+                             "[n_layers, d_model]: take one layer's row).")
         v = value.to(device=h.device, dtype=h.dtype)
         h = h.clone()
         h[idx, pos] = v if mode == "replace" else h[idx, pos] + v

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from ._checks import whole_number
+
 DEFAULT_MODEL = "gemma-3-270m"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_CHOICES = (*_DTYPES, "auto")  # "auto": see fast_dtype
@@ -160,10 +162,13 @@ class LanguageModel:
 
     def check_layer(self, layer: int) -> int:
         """``layer`` if it is a valid block index, else a ValueError naming the valid range."""
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer!r} is out of range: {self.name} has {self.n_layers} blocks, "
+        index = whole_number(layer)
+        if index is None:
+            raise ValueError(f"layer must be a whole number, a block index from 0 to {self.n_layers - 1}; got {layer!r}.")
+        if not 0 <= index < self.n_layers:
+            raise ValueError(f"layer {index} is out of range: {self.name} has {self.n_layers} blocks, "
                              f"so layers run from 0 to {self.n_layers - 1} (layer L = output of block L).")
-        return layer
+        return index
 
     def n_params(self, embeddings: bool = False) -> int:
         emb = self.model.get_input_embeddings().weight

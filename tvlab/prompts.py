@@ -243,8 +243,9 @@ def single_token_filter(task: Task, tokenizer, fmt: PromptFormat, min_pairs: int
     report = FilterReport(task.name, len(task.pairs), len(kept), tuple(dropped), task.scoring,
                           sum(c > 1 for c, k in zip(counts, keep) if k))
     if len(kept) < min_pairs:
-        raise TaskError(f"{report}; {len(kept)} usable pairs remain but a set needs {min_pairs}. "
-                        "Answers must be a single token for this model's tokenizer: use shorter, more common "
-                        "answers, or fewer demonstrations.")
+        advice = ("Add pairs to the task, or use fewer demonstrations." if len(kept) == len(task.pairs) else
+                  "Answers must be a single token for this model's tokenizer: use shorter, more common "
+                  "answers, add pairs, or use fewer demonstrations.")
+        raise TaskError(f"{report}; {len(kept)} usable pairs remain but a set needs {min_pairs}. {advice}")
     note = f"single-token filter: {len(kept)}/{len(task.pairs)} kept"
     return task.with_pairs(kept, note), report

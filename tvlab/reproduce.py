@@ -36,11 +36,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import experiments, paper
+from ._checks import whole_number
 from .engine import ForwardStats
 from .experiments import ExperimentConfig, category_means, layer_accuracy, prepare_task, run_prepared_tasks, summarize
 from .models import LanguageModel
 from .prompts import FilterReport
-from .tasks import CATEGORIES, Scoring, Task, TaskError, get_task, is_task_file, load_task
+from .tasks import CATEGORIES, Scoring, Task, TaskError, as_task_list, get_task, is_task_file, load_task
 
 
 @dataclass
@@ -129,7 +130,7 @@ def resolve_tasks(tasks: Sequence[str | Path | Task], scoring: Scoring = "exact"
     ``scoring`` applies to task files; built-in tasks keep their own rule.
     """
     resolved, problems = [], []
-    for t in tasks:
+    for t in as_task_list(tasks):
         try:
             resolved.append(t if isinstance(t, Task) else load_task(t, scoring=scoring) if is_task_file(t) else get_task(t))
         except TaskError as e:
@@ -182,8 +183,9 @@ def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentC
     prepared = prepare_tasks(lm, resolved, config)
     if tasks_per_call is None:
         tasks_per_call = experiments.tasks_per_call(lm, config)
-    if isinstance(tasks_per_call, bool) or not isinstance(tasks_per_call, int) or tasks_per_call < 1:
+    if whole_number(tasks_per_call) is None or whole_number(tasks_per_call) < 1:
         raise ValueError(f"tasks_per_call must be a whole number >= 1 or None, got {tasks_per_call!r}.")
+    tasks_per_call = whole_number(tasks_per_call)
     stats, start = ForwardStats(), time.perf_counter()
     done: dict[str, tuple[pd.DataFrame, dict]] = {}
     todo = []

@@ -19,6 +19,7 @@ files) or a two-column CSV: ``tvlab.load_task("path/to/file.json")``.
 from __future__ import annotations
 
 import csv
+from collections import abc
 import difflib
 import json
 import string
@@ -58,6 +59,16 @@ class Pair:
     output: str
     accept: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        accept = self.accept
+        if accept is None:
+            accept = ()
+        elif isinstance(accept, str):
+            accept = (accept,)  # one other answer, not its letters
+        elif not isinstance(accept, (tuple, list)):
+            raise TaskError(f"pair {self.input!r}: accept must be a list of other correct answers, got {accept!r}.")
+        object.__setattr__(self, "accept", tuple(accept))
+
     @property
     def answers(self) -> tuple[str, ...]:
         return (self.output, *self.accept)
@@ -82,6 +93,14 @@ class Task:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        if self.scoring not in ("exact", "prefix"):
+            raise TaskError(f"task {self.name!r}: scoring must be 'exact' or 'prefix', got {self.scoring!r}.")
+        if isinstance(self.pairs, (str, Pair)) or not isinstance(self.pairs, abc.Iterable):
+            raise TaskError(f"task {self.name!r}: pairs must be a list of Pair(input, output), got {type(self.pairs).__name__}.")
+        # (input, output) tuples are pairs too; a list is kept as a tuple, like every other field.
+        pairs = tuple(Pair(*p) if isinstance(p, (tuple, list)) and not isinstance(p, Pair) and len(p) in (2, 3) else p
+                      for p in self.pairs)
+        object.__setattr__(self, "pairs", pairs)
         _validate_pairs(self.name, self.pairs, self.allow_multiple_outputs)
 
     def __len__(self) -> int:
@@ -113,6 +132,9 @@ class Task:
 def _validate_pairs(name: str, pairs: tuple[Pair, ...], allow_multiple: bool) -> None:
     seen: dict[str, str] = {}
     for i, p in enumerate(pairs):
+        if not isinstance(p, Pair):
+            raise TaskError(f"task {name!r}, pair {i}: expected a Pair(input, output) or an (input, output) tuple, "
+                            f"got {p!r}.")
         for what, value in (("input", p.input), ("output", p.output)):
             if not isinstance(value, str) or not value.strip():
                 raise TaskError(f"task {name!r}, pair {i} (input {p.input!r}): the {what} is empty. Remove the row or fill it in.")
@@ -122,6 +144,9 @@ def _validate_pairs(name: str, pairs: tuple[Pair, ...], allow_multiple: bool) ->
             raise TaskError(
                 f"task {name!r}: the input {p.input!r} is mapped to two outputs ({seen[p.input]!r} and "
                 f"{p.output!r}). Keep one and list the other under \"accept\", or remove the duplicate.")
+        if p.input in seen and seen[p.input] == p.output:
+            raise TaskError(f"task {name!r}: the pair {p.input!r} -> {p.output!r} is listed twice; remove the copy "
+                            "(a repeated pair could be a query and its own demonstration).")
         seen.setdefault(p.input, p.output)
 
 
@@ -143,11 +168,17 @@ def _pairs_from_records(records: list, origin: str) -> tuple[Pair, ...]:
     for i, row in enumerate(records):
         if not isinstance(row, dict) or "input" not in row or "output" not in row:
             raise TaskError(f"{origin}: row {i} ({row!r}) needs both \"input\" and \"output\" keys.")
-        accept = row.get("accept", ())
-        if isinstance(accept, str):
-            accept = (accept,)
-        pairs.append(Pair(str(row["input"]).strip(), str(row["output"]).strip(),
-                          tuple(str(a).strip() for a in accept)))
+        output, accept = row["output"], row.get("accept")
+        if isinstance(output, list) and output:  # a list of outputs, as in the JSON object format: the first is shown
+            output, accept = output[0], [*output[1:], *([accept] if isinstance(accept, str) else accept or [])]
+        accept = () if accept is None else (accept,) if isinstance(accept, str) else accept
+        for what, value in (("input", row["input"]), ("output", output)):
+            if value is None or isinstance(value, (dict, list, bool)):
+                raise TaskError(f"{origin}: row {i} has the {what} {value!r}; it must be a string. Fill it in or remove the row.")
+        if not isinstance(accept, (list, tuple)) or any(a is None or isinstance(a, (dict, list)) for a in accept):
+            raise TaskError(f"{origin}: row {i} has accept {row.get('accept')!r}; it must be a list of other correct "
+                            "answers (strings), or left out.")
+        pairs.append(Pair(str(row["input"]).strip(), str(output).strip(), tuple(str(a).strip() for a in accept)))
     return tuple(pairs)
 
 
@@ -216,17 +247,25 @@ def _merge_multiple_outputs(path: Path, pairs: tuple[Pair, ...]) -> tuple[Pair, 
         answers[p.input] += [a for a in p.answers if a not in answers[p.input]]
         outputs.setdefault(p.input, set()).add(p.output)
     conflicted = {x for x, outs in outputs.items() if len(outs) > 1}
-    if not conflicted:
+    seen: set[str] = set()
+    repeats = 0
+    for p in pairs:
+        repeats += p.input in seen and p.input not in conflicted
+        seen.add(p.input)
+    if not conflicted and not repeats:
         return pairs
-    ordered = [x for x in answers if x in conflicted]
-    shown = ", ".join(repr(x) for x in ordered[:3]) + (", ..." if len(ordered) > 3 else "")
-    warnings.warn(f"{path}: {len(conflicted)} input(s) have several outputs ({shown}); each is kept once, its first "
-                  "output shown in prompts and every listed output accepted as a correct answer.", UserWarning, stacklevel=3)
+    if conflicted:
+        ordered = [x for x in answers if x in conflicted]
+        shown = ", ".join(repr(x) for x in ordered[:3]) + (", ..." if len(ordered) > 3 else "")
+        warnings.warn(f"{path}: {len(conflicted)} input(s) have several outputs ({shown}); each is kept once, its first "
+                      "output shown in prompts and every listed output accepted as a correct answer.", UserWarning,
+                      stacklevel=3)
+    if repeats:
+        warnings.warn(f"{path}: {repeats} row(s) repeat an earlier row; each pair is kept once (a repeated pair could "
+                      "be a query and its own demonstration).", UserWarning, stacklevel=3)
     merged, done = [], set()
     for p in pairs:
-        if p.input not in conflicted:
-            merged.append(p)
-        elif p.input not in done:
+        if p.input not in done:
             done.add(p.input)
             merged.append(Pair(p.input, answers[p.input][0], tuple(answers[p.input][1:])))
     return tuple(merged)
@@ -342,11 +381,19 @@ def _builtin_task(name: str) -> Task:
     return _load_data_file(data_dir() / f"{name}.json")
 
 
+def as_task_list(tasks) -> list:
+    """``tasks`` as a list: one name, path or :class:`Task` becomes a list of it (not of a name's letters)."""
+    return [tasks] if isinstance(tasks, (str, Path, Task)) else list(tasks)
+
+
 def get_task(name_or_path: str | Path) -> Task:
     """A built-in task by name (``"antonyms"``), or a user task file by path.
 
     An unknown name raises :class:`TaskError` listing the closest known names.
     """
+    if isinstance(name_or_path, (list, tuple, set)):
+        raise TaskError(f"expected one task, got {len(name_or_path)} ({name_or_path!r}): pass one name, or run several "
+                        "with tvlab.reproduce.run_main(lm, tasks).")
     if is_task_file(name_or_path):
         return load_task(name_or_path)
     name = str(name_or_path)

@@ -204,7 +204,11 @@ def _show_figure(out: W.Output, fig) -> None:
 
 
 def _task_dropdown(tasks: list[str] | None, value: str) -> W.Dropdown:
-    return W.Dropdown(options=tasks or list_tasks(), value=value, description="task")
+    options = list(tasks or list_tasks())
+    if value not in options:
+        get_task(value)  # an unknown name: the TaskError with the closest names
+        options.insert(0, value)  # a task file or an extra task: offered in the dropdown too
+    return W.Dropdown(options=options, value=value, description="task")
 
 
 def icl_explorer(lm: LanguageModel, task: str = "antonyms", n_demos: int = 5, query: str | None = None,
@@ -264,6 +268,9 @@ def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int = 10
 def layer_explorer(by_layer: pd.DataFrame, tasks: list[str] | None = None) -> Explorer:
     """Choose tasks (ctrl/shift-click) and see their task-vector accuracy by layer."""
     options = list(dict.fromkeys(by_layer["task"]))
+    missing = [t for t in (tasks or []) if t not in options]
+    if missing:
+        raise ValueError(f"task(s) {', '.join(map(repr, missing))} are not in this frame; it has {', '.join(options)}.")
     controls = {"tasks": W.SelectMultiple(options=options, value=tuple(tasks or options[:3]), rows=8, description="tasks")}
 
     def compute(tasks):
