@@ -19,11 +19,11 @@ files) or a two-column CSV: ``tvlab.load_task("path/to/file.json")``.
 from __future__ import annotations
 
 import csv
-from collections import abc
 import difflib
 import json
 import string
 import warnings
+from collections import abc
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -169,15 +169,15 @@ def _pairs_from_records(records: list, origin: str) -> tuple[Pair, ...]:
         if not isinstance(row, dict) or "input" not in row or "output" not in row:
             raise TaskError(f"{origin}: row {i} ({row!r}) needs both \"input\" and \"output\" keys.")
         output, accept = row["output"], row.get("accept")
+        accept = [] if accept is None else [accept] if isinstance(accept, str) else accept  # null: pandas' NaN
+        if not isinstance(accept, (list, tuple)) or any(a is None or isinstance(a, (dict, list)) for a in accept):
+            raise TaskError(f"{origin}: row {i} has accept {accept!r}; it must be a list of other correct "
+                            "answers (strings), or left out.")
         if isinstance(output, list) and output:  # a list of outputs, as in the JSON object format: the first is shown
-            output, accept = output[0], [*output[1:], *([accept] if isinstance(accept, str) else accept or [])]
-        accept = () if accept is None else (accept,) if isinstance(accept, str) else accept
+            output, accept = output[0], [*output[1:], *accept]
         for what, value in (("input", row["input"]), ("output", output)):
             if value is None or isinstance(value, (dict, list, bool)):
                 raise TaskError(f"{origin}: row {i} has the {what} {value!r}; it must be a string. Fill it in or remove the row.")
-        if not isinstance(accept, (list, tuple)) or any(a is None or isinstance(a, (dict, list)) for a in accept):
-            raise TaskError(f"{origin}: row {i} has accept {row.get('accept')!r}; it must be a list of other correct "
-                            "answers (strings), or left out.")
         pairs.append(Pair(str(row["input"]).strip(), str(output).strip(), tuple(str(a).strip() for a in accept)))
     return tuple(pairs)
 
