@@ -283,6 +283,9 @@ def test_numpy_integers_count_as_whole_numbers_and_other_values_say_why(tiny):
     assert (config.n_demos, config.n_test) == (4, 3) and json.dumps(config.as_dict())
     with pytest.raises(ValueError, match="n_test must be a whole number >= 1, got True"):
         tvlab.ExperimentConfig(n_test=True)
+    assert len(tvlab.sample_sets(tvlab.get_task("antonyms"), np.int64(2), 3, np.int64(5))) == 2
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, got None"):
+        tvlab.sample_sets(tvlab.get_task("antonyms"), 2, 3, seed=None)
     task = tvlab.get_task("antonyms")
     theta = tvlab.extract_task_vector(tiny, task.pairs[:3], task.pairs[3:5], layer=np.int64(1))
     assert torch.equal(theta, tvlab.extract_task_vector(tiny, task.pairs[:3], task.pairs[3:5], layer=1))

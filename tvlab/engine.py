@@ -377,9 +377,10 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt has no tokens.")
     if batch_size is not None:
-        if whole_number(batch_size) is None or whole_number(batch_size) < 1:
+        number = whole_number(batch_size)
+        if number is None or number < 1:
             raise ValueError(f"batch_size must be a whole number >= 1 or None (chosen from free memory), got {batch_size!r}.")
-        batch_size = whole_number(batch_size)
+        batch_size = number
     groups = list(range(n)) if groups is None else list(groups)
     patches = [None] * n if patches is None else list(patches)
     if len(groups) != n or len(patches) != n:

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ._checks import whole_number
 from .tasks import Pair, Task, TaskError
 
 #: Name of the token position that predicts the answer: the last token of a prompt.
@@ -171,9 +172,9 @@ def sample_sets(task: Task, n_sets: int, n_demos: int, seed: int, split: str = "
     Within a set all examples are distinct. ``split`` names an independent stream
     ("test", "dev", "baseline"), so dev and test sets never share a random draw.
     """
-    for what, value, low in (("n_sets", n_sets, 0), ("n_demos", n_demos, 0), ("n_dummies", n_dummies, 0)):
-        if not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{what} must be a whole number >= {low}, got {value!r}.")
+    for what, value in (("n_sets", n_sets), ("n_demos", n_demos), ("n_dummies", n_dummies), ("seed", seed)):
+        if (number := whole_number(value)) is None or number < 0:
+            raise ValueError(f"{what} must be a whole number >= 0, got {value!r}.")
     need = n_demos + 1 + n_dummies
     if len(task.pairs) < need:
         raise TaskError(f"task {task.name!r} has {len(task.pairs)} usable pairs but a set needs {need} distinct ones "

@@ -183,9 +183,10 @@ def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentC
     prepared = prepare_tasks(lm, resolved, config)
     if tasks_per_call is None:
         tasks_per_call = experiments.tasks_per_call(lm, config)
-    if whole_number(tasks_per_call) is None or whole_number(tasks_per_call) < 1:
+    number = whole_number(tasks_per_call)
+    if number is None or number < 1:
         raise ValueError(f"tasks_per_call must be a whole number >= 1 or None, got {tasks_per_call!r}.")
-    tasks_per_call = whole_number(tasks_per_call)
+    tasks_per_call = number
     stats, start = ForwardStats(), time.perf_counter()
     done: dict[str, tuple[pd.DataFrame, dict]] = {}
     todo = []
