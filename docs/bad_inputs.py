@@ -37,6 +37,7 @@ def _command_line(*argv: str) -> None:
 
 
 def _cases(tmp: Path):
+    import pandas as pd
     import torch
 
     import tvlab
@@ -161,6 +162,8 @@ def _cases(tmp: Path):
         ("Task", "a JSON object task file with an answer that is not a string", lambda: tvlab.load_task(task_file(
             "t.json", '{"hot": "cold", "big": {"size": "small"}}'))),
         ("Task", "a CSV row with three columns", lambda: tvlab.load_task(task_file("t.csv", "a,b\nc,d,e\n"))),
+        ("Task", "a file tvlab does not read (a .txt file)", lambda: tvlab.get_task(task_file("t.txt", "hot cold\n"))),
+        ("Task", "a folder where a task file is expected", lambda: tvlab.get_task(str(tmp))),
         ("Task", "fewer pairs than a set needs", lambda: tvlab.sample_sets(
             tvlab.Task("five", "custom", tuple(tvlab.Pair(str(i), str(i)) for i in range(5))), 1, 5, seed=0, n_dummies=2)),
         ("Task", "answers that are not one token", lambda: tvlab.run_task(lm, task_file("p.json", json.dumps(phrases)), small)),
@@ -171,6 +174,10 @@ def _cases(tmp: Path):
         ("Settings", "a layer that is not a whole number", lambda: tvlab.explore.three_predictions(lm, "antonyms", "hot", layer=2.5)),
         ("Settings", "a patch of the wrong shape (a task vector of every layer)", wrong_patch),
         ("Settings", "text where token ids are expected", lambda: tvlab.engine.predict_last(lm, ["example:big->"])),
+        ("Settings", "a layer a task vector bank does not have", lambda: tvlab.geometry.TaskVectors(
+            torch.zeros(2, 4, 8), pd.DataFrame({"task": ["a", "b"], "category": "custom", "set": 0}), {}).mean("a", 7)),
+        ("Settings", "separability of one task's vectors", lambda: tvlab.geometry.separability(tvlab.geometry.TaskVectors(
+            torch.zeros(2, 4, 8), pd.DataFrame({"task": ["a", "a"], "category": "custom", "set": [0, 1]}), {}), 1)),
         ("Settings", "a zero or negative count", lambda: tvlab.ExperimentConfig(n_test=0)),
         ("Settings", "more demonstrations than the context allows", lambda: tvlab.run_task(
             lm, "antonyms", tvlab.ExperimentConfig(n_demos=120, n_test=1, n_dev=1, n_baseline=1))),

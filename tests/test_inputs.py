@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,3 +338,63 @@ def test_a_small_task_of_ones_own_gives_a_prompt_and_says_what_to_add(tiny, tmp_
     assert prompt.count("->") == 4 and prompt.endswith("cat->")
     with pytest.raises(TaskError, match="8 usable pairs remain but a set needs 10. Add pairs to the task, or use fewer"):
         tvlab.run_task(tiny, task, tvlab.ExperimentConfig(n_demos=7, n_test=2, n_dev=2, n_baseline=2))
+
+
+@pytest.mark.parametrize("name, text", [
+    ("a.tsv", "hot\tcold\nbig\tsmall\n"),
+    ("b.jsonl", '{"input": "hot", "output": "cold"}\n\n{"input": "big", "output": "small"}\n'),
+    ("c.csv", "id,Source,Target,notes\n1,hot,cold,x\n2,big,small,y\n"),   # another project's columns, by header
+    ("d.csv", "question,answer\nhot,cold\nbig,small\n"),
+    ("e.tsv", "prompt\tcompletion\nhot\tcold\nbig\tsmall\n"),
+])
+def test_task_tables_and_json_lines_from_other_projects_load_as_is(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    for task in (tvlab.load_task(tmp_path / name), tvlab.get_task(str(tmp_path / name))):
+        assert [(p.input, p.output) for p in task.pairs] == [("hot", "cold"), ("big", "small")]
+
+
+def test_what_is_not_a_task_file_says_what_tvlab_reads(tmp_path):
+    (tmp_path / "t.txt").write_text("hot cold\n")
+    (tmp_path / "ok.csv").write_text("hot,cold\n")
+    (tmp_path / "bad.jsonl").write_text('{"input": "hot", "output": "cold"}\nnot json\n')
+    (tmp_path / "short.csv").write_text("id,input,output\n1,hot,cold\n2,big\n")
+    for path, message in ((tmp_path / "t.txt", r"not a task file tvlab reads: it reads .json .*\.jsonl .*\.csv and \.tsv"),
+                          (tmp_path, r"is a folder; name the task files themselves. It holds 3 task file\(s\): .*bad.jsonl .*ok.csv .*short.csv\."),
+                          (tmp_path / "bad.jsonl", "line 2 is not valid JSON"),
+                          (tmp_path / "short.csv", "row 3 has 2 columns; the header names the input in column 2"),
+                          (tmp_path / "gone.txt", "does not exist")):
+        with pytest.raises(TaskError, match=message):
+            tvlab.get_task(str(path))
+    with pytest.raises(TaskError, match="unknown task 'antonym'. Did you mean antonyms"):
+        tvlab.get_task("antonym")  # a name, not a path
+
+
+def test_task_vector_banks_check_layers_and_what_each_summary_needs(tiny, tmp_path):
+    bank = tvlab.geometry.collect_task_vectors(tiny, ["antonyms", "next_letter"], n_per_task=2)
+    path = bank.save(tmp_path / "new" / "folder" / "bank.safetensors")  # missing folders are made
+    assert tvlab.geometry.TaskVectors.load(path).vectors.equal(bank.vectors)
+    with pytest.raises(FileNotFoundError, match="no task vectors at"):
+        tvlab.geometry.TaskVectors.load(tmp_path / "missing.safetensors")
+    assert bank.mean("antonyms", np.int64(1)).shape == (tiny.d_model,)
+    for layer, message in ((99, "layer 99 is out of range: these vectors have layers 0 to 3"),
+                           (-1, "layer -1 is out of range"), (1.5, "layer 1.5 must be a whole number")):
+        with pytest.raises(ValueError, match=message):
+            bank.mean("antonyms", layer)
+        with pytest.raises(ValueError, match=message):
+            bank.at(layer)
+    one = tvlab.geometry.TaskVectors(bank.vectors[:2], bank.labels.iloc[:2], bank.settings)
+    for summary in (tvlab.geometry.separability, tvlab.geometry.distance_summary):
+        with pytest.raises(ValueError, match=r"compares tasks, and these vectors hold 1 \(antonyms\)"):
+            summary(one, 1)
+    single = tvlab.geometry.TaskVectors(bank.vectors[1:], bank.labels.iloc[1:], bank.settings)
+    with pytest.raises(ValueError, match="needs two vectors of each task or more, and antonyms has one"):
+        tvlab.geometry.separability(single, 1)
+    assert tvlab.geometry.separability(bank, 1)["chance"] == 0.5
+
+
+def test_next_token_probs_lists_at_most_the_vocabulary(tiny):
+    table = tvlab.explore.next_token_probs(tiny, "example:big->", k=10**6)
+    assert len(table) == len(tiny.tokenizer) and table["rank"].iloc[-1] == len(table)
+    for k in (0, 2.5, "3"):
+        with pytest.raises(ValueError, match="k must be a whole number >= 1"):
+            tvlab.explore.next_token_probs(tiny, "example:big->", k=k)

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Reproduce the main result of Hendel, Geva & Globerson (2023) on a model.")
     rep.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model id or local folder (default: the bundled {DEFAULT_MODEL})")
     rep.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
-                     help="task names or paths of your own .json/.csv task files, separated by spaces or commas "
+                     help="task names or paths of your own .json/.jsonl/.csv/.tsv task files, separated by spaces or commas "
                           "(default: the paper's 18 tasks)")
     rep.add_argument("--scoring", choices=["exact", "prefix"], default="exact",
                      help="how answers to your task files are scored: exact (default, the paper's rule) or prefix (the "

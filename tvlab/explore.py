@@ -21,11 +21,11 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from ._checks import whole_number
 from .engine import next_token_logits, predict_last
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format, zero_shot_predictions
 from .models import LanguageModel, decode_token
 from .prompts import FORMATS, Pair, PromptSet, get_format, sample_sets, single_token_filter, tokenize
-from ._checks import whole_number
 from .tasks import Task, as_task_list, get_task
 
 
@@ -36,11 +36,12 @@ def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2)
     softmax differ between CPUs, BLAS libraries and thread counts, and a notebook's stored
     output must not.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
+    count = whole_number(k)
+    if count is None or count < 1:
+        raise ValueError(f"k must be a whole number >= 1 (how many tokens to list), got {k!r}.")
     probs = next_token_logits(lm, [lm.tokenizer(text).input_ids])[0].softmax(-1)
-    top = probs.topk(k)
-    return pd.DataFrame({"rank": range(1, k + 1),
+    top = probs.topk(min(count, len(probs)))  # k beyond the vocabulary: every token, once
+    return pd.DataFrame({"rank": range(1, len(top.values) + 1),
                          "token": [repr(decode_token(lm, i))[1:-1] for i in top.indices.tolist()],
                          "probability": top.values.numpy().round(digits)})
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._checks import whole_number
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format
 from .models import LanguageModel
 from .prompts import sample_sets
@@ -50,18 +51,36 @@ class TaskVectors:
     def n_layers(self) -> int:
         return self.vectors.shape[1]
 
+    def layer_index(self, layer) -> int:
+        """``layer`` as an index into these vectors' layers, or a ValueError saying which layers there are."""
+        index = whole_number(layer)
+        if index is None or not 0 <= index < self.n_layers:
+            what = "is out of range" if index is not None else "must be a whole number"
+            raise ValueError(f"layer {layer!r} {what}: these vectors have layers 0 to {self.n_layers - 1}.")
+        return index
+
     def at(self, layer: int) -> np.ndarray:
         """The vectors at one layer: ``[n, d_model]``."""
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} is out of range: these vectors have layers 0 to {self.n_layers - 1}.")
-        return self.vectors[:, layer].numpy()
+        return self.vectors[:, self.layer_index(layer)].numpy()
 
     def mean(self, task: str, layer: int) -> torch.Tensor:
         """The mean task vector of one task at one layer: ``[d_model]``."""
+        layer = self.layer_index(layer)
         rows = np.flatnonzero(self.labels["task"].to_numpy() == task)
         if len(rows) == 0:
             raise KeyError(f"no vectors for task {task!r}; these vectors hold {', '.join(self.tasks)}.")
         return self.vectors[rows, layer].mean(0)
+
+    def check_comparable(self, what: str, min_tasks: int = 2) -> None:
+        """ValueError unless these vectors hold ``min_tasks`` tasks and two vectors of each (``what`` needs them)."""
+        counts = self.labels["task"].value_counts()
+        if len(counts) < min_tasks:
+            raise ValueError(f"{what} compares tasks, and these vectors hold {len(counts)} "
+                             f"({', '.join(self.tasks) or 'none'}): collect them for two tasks or more.")
+        single = [t for t in self.tasks if counts[t] < 2]
+        if single:
+            raise ValueError(f"{what} needs two vectors of each task or more, and {', '.join(single)} "
+                             "has one: collect them with n_per_task=2 or more (the notebooks use 25).")
 
     @property
     def tasks(self) -> list[str]:
@@ -72,6 +91,7 @@ class TaskVectors:
         from safetensors.torch import save_file
 
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"vectors": self.vectors.contiguous()}, str(tmp),
                   metadata={"labels": self.labels.to_json(orient="records"), "settings": json.dumps(self.settings)})
@@ -82,6 +102,8 @@ class TaskVectors:
     def load(cls, path: str | Path) -> "TaskVectors":
         from safetensors import safe_open
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no task vectors at {str(path)!r}: give the path that TaskVectors.save returned.")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             vectors = f.get_tensor("vectors")
@@ -136,6 +158,7 @@ def pairwise_distances(bank: TaskVectors, layer: int) -> pd.DataFrame:
 
 def distance_summary(bank: TaskVectors, layer: int) -> dict:
     """Mean within-task and between-task cosine distance at ``layer``, and their ratio."""
+    bank.check_comparable("distance_summary")
     pairs = pairwise_distances(bank, layer)
     means = pairs.groupby("kind")["distance"].mean()
     within, between = float(means["within task"]), float(means["between tasks"])
@@ -144,6 +167,7 @@ def distance_summary(bank: TaskVectors, layer: int) -> dict:
 
 def variability(bank: TaskVectors, layer: int) -> pd.DataFrame:
     """Per task: the mean cosine distance between its vectors (lower = a more consistent θ)."""
+    bank.check_comparable("variability", min_tasks=1)
     x = bank.at(layer)
     rows = []
     for task in bank.tasks:
@@ -162,6 +186,7 @@ def separability(bank: TaskVectors, layer: int, seed: int = 0) -> dict:
     """
     from sklearn.metrics import silhouette_score
 
+    bank.check_comparable("separability")
     x = bank.at(layer)
     tasks = bank.labels["task"].to_numpy()
     rng = np.random.default_rng(seed)

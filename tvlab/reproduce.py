@@ -139,7 +139,7 @@ def resolve_tasks(tasks: Sequence[str | Path | Task], scoring: Scoring = "exact"
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         problems.append(f"{', '.join(repr(n) for n in twice)} listed more than once: list each task once (a task "
-                        "from a file takes the file's name without .json/.csv: rename a file whose name clashes).")
+                        "from a file takes the file's name without its ending (.json, .csv, ...): rename a file whose name clashes).")
     if len(problems) == 1:
         raise TaskError(problems[0])
     if problems:

@@ -204,14 +204,44 @@ def _read_text(path: Path) -> str:
                         "UTF-8) and try again.") from None
 
 
-def _csv_records(path: Path, text: str) -> list[dict]:
-    rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["input", "output"]:
-        rows = rows[1:]
-    bad = [i for i, r in enumerate(rows) if len(r) != 2]
+#: Column names a table from another project may use for a task's two columns (compared in lower case).
+INPUT_COLUMNS = ("input", "source", "src", "prompt", "question", "query", "x")
+OUTPUT_COLUMNS = ("output", "target", "tgt", "completion", "answer", "label", "y")
+
+
+def _table_records(path: Path, text: str, delimiter: str) -> list[dict]:
+    """A CSV (or TSV) table: two columns of input, output; or a header row naming them among other columns."""
+    rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if any(c.strip() for c in r)]
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    columns = [next((header.index(n) for n in names if n in header), None) for names in (INPUT_COLUMNS, OUTPUT_COLUMNS)]
+    if None not in columns:  # a header row: read the two named columns, whatever else the table holds
+        i, o = columns
+        short = [n for n, r in enumerate(rows[1:], start=2) if len(r) <= max(i, o)]
+        if short:
+            raise TaskError(f"{path}: row {short[0]} has {len(rows[short[0] - 1])} columns; the header names the "
+                            f"input in column {i + 1} and the output in column {o + 1}.")
+        return [{"input": r[i], "output": r[o]} for r in rows[1:]]
+    bad = [n for n, r in enumerate(rows) if len(r) != 2]
     if bad:
-        raise TaskError(f"{path}: row {bad[0] + 1} has {len(rows[bad[0]])} columns; a task CSV has exactly two (input, output).")
+        raise TaskError(f"{path}: row {bad[0] + 1} has {len(rows[bad[0]])} columns; a task {kind} has exactly two "
+                        "(input, output), or a header row that names its input and output columns (e.g. input,output "
+                        f"or source,target) among others.")
     return [{"input": r[0], "output": r[1]} for r in rows]
+
+
+def _jsonl_records(path: Path, text: str) -> list:
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}: line {n} is not valid JSON ({e}). A .jsonl task file holds one "
+                                "{\"input\": ..., \"output\": ...} object per line.") from None
+    return records
 
 
 def _mapping_records(path: Path, mapping: dict) -> list[dict]:
@@ -271,14 +301,28 @@ def _merge_multiple_outputs(path: Path, pairs: tuple[Pair, ...]) -> tuple[Pair, 
     return tuple(merged)
 
 
+#: The task file formats :func:`load_task` reads, by file name ending.
+TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+
+
 def is_task_file(name_or_path: str | Path) -> bool:
-    """Does ``name_or_path`` name a task file (a Path, or a name ending in .json or .csv) rather than a built-in task?"""
-    return isinstance(name_or_path, Path) or str(name_or_path).lower().endswith((".json", ".csv"))
+    """Does ``name_or_path`` name a task file rather than a built-in task?
+
+    A Path; or a name of no built-in task that has a file name ending (``.json``, ``.txt``, ...),
+    a folder in it, or names an existing file or folder (:func:`load_task` says what is wrong
+    with one it cannot read).
+    """
+    if isinstance(name_or_path, Path):
+        return True
+    name = str(name_or_path)
+    return name not in list_tasks() and (Path(name).suffix != "" or "/" in name or "\\" in name or Path(name).exists())
 
 
 def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exact") -> Task:
     """Load a user task: a JSON list of ``{"input", "output"}`` objects, a JSON object
-    ``{"input": "output", ...}`` (the paper's files), or a two-column CSV.
+    ``{"input": "output", ...}`` (the paper's files), JSON Lines (one object per line), or a CSV
+    or TSV table: two columns, or a header row naming the input and output columns among others
+    (``input``/``output``, ``source``/``target``, ``prompt``/``completion``, ``question``/``answer``, ...).
 
     An input listed with several outputs is kept once, with every output accepted (a
     UserWarning names such inputs). ``scoring="prefix"`` scores like the paper's knowledge tasks.
@@ -290,13 +334,23 @@ def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exa
     ('antonyms_fr', 'custom', 2, Pair(input='chaud', output='froid', accept=()))
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in TASK_FILE_SUFFIXES)
+        listed = f" It holds {len(found)} task file(s): {' '.join(found[:8])}{' ...' if len(found) > 8 else ''}." if found else ""
+        raise TaskError(f"{str(path)!r} is a folder; name the task files themselves.{listed}")
     if not path.is_file():
         raise TaskError(f"task file {str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix not in TASK_FILE_SUFFIXES:
+        raise TaskError(f"{str(path)!r} is not a task file tvlab reads: it reads .json (a list of {{\"input\", "
+                        "\"output\"} objects, or {\"input\": \"output\", ...}), .jsonl (one object per line), "
+                        ".csv and .tsv (input and output columns). Save it as one of these.")
     if scoring not in ("exact", "prefix"):
         raise TaskError(f"unknown scoring rule {scoring!r}; choose 'exact' or 'prefix'.")
     name = name or path.stem
     text = _read_text(path)
-    records = _csv_records(path, text) if path.suffix.lower() == ".csv" else _json_records(path, text)
+    records = (_table_records(path, text, "," if suffix == ".csv" else "\t") if suffix in (".csv", ".tsv")
+               else _jsonl_records(path, text) if suffix == ".jsonl" else _json_records(path, text))
     pairs = _pairs_from_records(records, str(path))
     if not pairs:
         raise TaskError(f"{path} holds no pairs.")
@@ -402,5 +456,5 @@ def get_task(name_or_path: str | Path) -> Task:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise TaskError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(known)}. "
-                        "A path to a .json or .csv file loads your own task.")
+                        "A path to a .json, .jsonl, .csv or .tsv file loads your own task.")
     return _builtin_task(name)
