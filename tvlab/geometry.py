@@ -80,7 +80,7 @@ class TaskVectors:
         single = [t for t in self.tasks if counts[t] < 2]
         if single:
             raise ValueError(f"{what} needs two vectors of each task or more, and {', '.join(single)} "
-                             "has one: collect them with n_per_task=2 or more (the notebooks use 25).")
+                             "has one: collect them with n_per_task=2 or more (notebook 04 uses 20).")
 
     @property
     def tasks(self) -> list[str]:
