@@ -346,6 +346,8 @@ def test_a_small_task_of_ones_own_gives_a_prompt_and_says_what_to_add(tiny, tmp_
     ("c.csv", "id,Source,Target,notes\n1,hot,cold,x\n2,big,small,y\n"),   # another project's columns, by header
     ("d.csv", "question,answer\nhot,cold\nbig,small\n"),
     ("e.tsv", "prompt\tcompletion\nhot\tcold\nbig\tsmall\n"),
+    ("f.csv", "word,Output\nhot,cold\nbig,small\n"),                    # two columns: one known name is enough
+    ("g.csv", "antonym,input\ncold,hot\nsmall,big\n"),
 ])
 def test_task_tables_and_json_lines_from_other_projects_load_as_is(tmp_path, name, text):
     (tmp_path / name).write_text(text)
@@ -358,15 +360,21 @@ def test_what_is_not_a_task_file_says_what_tvlab_reads(tmp_path):
     (tmp_path / "ok.csv").write_text("hot,cold\n")
     (tmp_path / "bad.jsonl").write_text('{"input": "hot", "output": "cold"}\nnot json\n')
     (tmp_path / "short.csv").write_text("id,input,output\n1,hot,cold\n2,big\n")
+    (tmp_path / "half.csv").write_text("id,source,antonym\n1,hot,cold\n")
     for path, message in ((tmp_path / "t.txt", r"not a task file tvlab reads: it reads .json .*\.jsonl .*\.csv and \.tsv"),
-                          (tmp_path, r"is a folder; name the task files themselves. It holds 3 task file\(s\): .*bad.jsonl .*ok.csv .*short.csv\."),
+                          (tmp_path, r"is a folder; name the task files themselves. It holds 4 task file\(s\): .*bad.jsonl .*half.csv .*ok.csv .*short.csv\."),
                           (tmp_path / "bad.jsonl", "line 2 is not valid JSON"),
                           (tmp_path / "short.csv", "row 3 has 2 columns; the header names the input in column 2"),
+                          (tmp_path / "half.csv", r"names the input column \('source'\) but no output column: name the "
+                                                  "output column one of output, target"),
                           (tmp_path / "gone.txt", "does not exist")):
         with pytest.raises(TaskError, match=message):
             tvlab.get_task(str(path))
     with pytest.raises(TaskError, match="unknown task 'antonym'. Did you mean antonyms"):
         tvlab.get_task("antonym")  # a name, not a path
+    # One-letter names (x, y) alone do not make a header: w,x is the first pair of a next-letter table.
+    (tmp_path / "letters.csv").write_text("w,x\nx,y\n")
+    assert [(p.input, p.output) for p in tvlab.load_task(tmp_path / "letters.csv").pairs] == [("w", "x"), ("x", "y")]
 
 
 def test_task_vector_banks_check_layers_and_what_each_summary_needs(tiny, tmp_path):

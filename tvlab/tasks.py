@@ -217,6 +217,14 @@ def _table_records(path: Path, text: str, delimiter: str) -> list[dict]:
         return []
     header = [c.strip().lower() for c in rows[0]]
     columns = [next((header.index(n) for n in names if n in header), None) for names in (INPUT_COLUMNS, OUTPUT_COLUMNS)]
+    named = next((c for c in columns if c is not None), None)
+    if columns.count(None) == 1 and len(header[named]) > 1:  # a header row naming one column, e.g. word,output
+        known, missing = ("input", "output") if columns[0] is not None else ("output", "input")
+        if len(header) != 2:
+            names = OUTPUT_COLUMNS if missing == "output" else INPUT_COLUMNS
+            raise TaskError(f"{path}: the header row names the {known} column ({rows[0][named].strip()!r}) but no "
+                            f"{missing} column: name the {missing} column one of {', '.join(names)}.")
+        columns = [named if c is not None else 1 - named for c in columns]  # two columns: the other one is the other
     if None not in columns:  # a header row: read the two named columns, whatever else the table holds
         i, o = columns
         short = [n for n, r in enumerate(rows[1:], start=2) if len(r) <= max(i, o)]
@@ -322,7 +330,9 @@ def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exa
     """Load a user task: a JSON list of ``{"input", "output"}`` objects, a JSON object
     ``{"input": "output", ...}`` (the paper's files), JSON Lines (one object per line), or a CSV
     or TSV table: two columns, or a header row naming the input and output columns among others
-    (``input``/``output``, ``source``/``target``, ``prompt``/``completion``, ``question``/``answer``, ...).
+    (``input``/``output``, ``source``/``target``, ``prompt``/``completion``, ``question``/``answer``, ...;
+    in a two-column table one such name is enough, e.g. ``word,output``). A first row that names
+    neither column (``word,antonym``) is read as a pair: rename its columns.
 
     An input listed with several outputs is kept once, with every output accepted (a
     UserWarning names such inputs). ``scoring="prefix"`` scores like the paper's knowledge tasks.
