@@ -96,6 +96,14 @@ def _cases(tmp: Path):
             warnings.simplefilter("error")
             call()
 
+    def earlier_run() -> str:
+        folder = tmp / "earlier-run"
+        folder.mkdir(exist_ok=True)
+        (folder / "results.json").write_text(json.dumps({
+            "model": "tiny-llama", "config": tvlab.ExperimentConfig().as_dict(),
+            "tasks": [{"task": name} for name in ("antonyms", "fr_en", "en_es", "en_fr", "next_letter", "prev_letter", "to_upper")]}))
+        return str(folder)
+
     def cpu_only_torch(*argv):
         with mock.patch("torch.cuda.is_available", lambda: False), mock.patch("torch.backends.cuda.is_built", lambda: False), \
                 mock.patch("torch.__version__", "2.8.0+cpu"):  # the same page on every machine
@@ -162,6 +170,8 @@ def _cases(tmp: Path):
         ("Task", "a JSON object task file with an answer that is not a string", lambda: tvlab.load_task(task_file(
             "t.json", '{"hot": "cold", "big": {"size": "small"}}'))),
         ("Task", "a CSV row with three columns", lambda: tvlab.load_task(task_file("t.csv", "a,b\nc,d,e\n"))),
+        ("Task", "a CSV header that names the input column but no output column", lambda: tvlab.load_task(task_file(
+            "t.csv", "id,source,antonym\n1,hot,cold\n"))),
         ("Task", "a file tvlab does not read (a .txt file)", lambda: tvlab.get_task(task_file("t.txt", "hot cold\n"))),
         ("Task", "a folder where a task file is expected", lambda: tvlab.get_task(str(tmp))),
         ("Task", "fewer pairs than a set needs", lambda: tvlab.sample_sets(
@@ -198,6 +208,8 @@ def _cases(tmp: Path):
         ("Command line", "`--out` naming a file", lambda: _command_line("--out", str(blocker))),
         ("Command line", "a negative `--seed`", lambda: _command_line("--seed", "-5")),
         ("Command line", "`--remote` without `--backend nnsight`", lambda: _command_line("--remote")),
+        ("Command line", "`--out` holding another run's results (fewer tasks; checked before loading the model)",
+         lambda: _command_line("--tasks", "antonyms", "--out", earlier_run())),
         ("Command line", "`tvlab course grade --out` naming a folder (refused before grading)", grade_into_folder),
         ("Command line", "bad task names and a task listed twice (all reported before loading)", lambda: _command_line(
             "--tasks", "antonym,antonyms", "antonyms", str(tmp / "missing.json"), "--out", str(tmp))),

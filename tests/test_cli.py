@@ -25,9 +25,36 @@ def test_reproduce_writes_results_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 tasks resumed" in printed and "per engine call" not in printed  # no engine call ran
     pd.testing.assert_frame_equal(pd.read_csv(out / "main_results.csv"), first)
-    # Different settings never reuse them.
-    assert main(ARGS[:-1] + ["--seed", "7", "--no-progress", "--tasks", "antonyms", "--out", str(out)]) == 0
+    # Fewer tasks or other settings into the same folder would replace these results: refused before any work.
+    assert main(ARGS + ["--tasks", "antonyms", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of its 2 tasks not in this run (next_letter)" in err and "--overwrite" in err
+    assert main(ARGS[:-1] + ["--seed", "7", "--no-progress", "--tasks", "antonyms", "next_letter", "--out", str(out)]) == 2
+    assert "seed 41, not 7" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_csv(out / "main_results.csv"), first)
+    # More tasks extend the run; --overwrite replaces it; different settings never reuse the saved predictions.
+    assert main(ARGS + ["--tasks", "antonyms,next_letter,country_capital", "--out", str(out)]) == 0
+    assert "2 tasks resumed" in capsys.readouterr().out
+    assert main(ARGS[:-1] + ["--seed", "7", "--no-progress", "--tasks", "antonyms", "--out", str(out), "--overwrite"]) == 0
     assert "resumed" not in capsys.readouterr().out
+    assert list(pd.read_csv(out / "main_results.csv")["task"]) == ["antonyms"]
+
+
+def test_out_holding_other_files_or_another_model(tmp_path, capsys):
+    from tvlab import ExperimentConfig, reproduce
+
+    config = ExperimentConfig(n_test=4, n_dev=3, n_baseline=4)
+    (tmp_path / "results.json").write_text('{"my": "own file"}')
+    assert main(ARGS + ["--tasks", "antonyms", "--out", str(tmp_path)]) == 2
+    assert "no results.json of a tvlab run" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == '{"my": "own file"}'
+    (tmp_path / "results.json").write_text(json.dumps({"model": "gpt2", "config": config.as_dict(), "tasks": [{"task": "antonyms"}]}))
+    assert reproduce.replaces_other_run(tmp_path, ["antonyms"], config) is None          # model not known yet
+    assert reproduce.replaces_other_run(tmp_path, ["antonyms"], config, "gpt2") is None
+    assert reproduce.replaces_other_run(tmp_path, ["antonyms"], ExperimentConfig(n_test=4, n_dev=3, n_baseline=4, batch_size=8)) is None
+    assert main(ARGS + ["--tasks", "antonyms", "--out", str(tmp_path)]) == 2              # checked once the model is loaded
+    assert "model gpt2, not tiny-llama" in capsys.readouterr().err
+    assert reproduce.replaces_other_run(tmp_path / "empty", ["antonyms"], config) is None
 
 
 def test_user_task_file(tmp_path, capsys):

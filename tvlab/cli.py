@@ -93,11 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts per forward pass; auto (the default): as many as fit in 60%% of a GPU's free memory, "
                           "on a CPU up to 256 prompts and 6144 tokens. Lower it if memory runs out")
     rep.add_argument("--out", type=_out_folder, default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="replace the results of another run (other tasks, settings or model) found in --out")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub.add_parser("tasks", help="list the built-in tasks")
     sub.add_parser("course", add_help=False,
                    help="release the notebooks as nbgrader assignments and grade submissions (tvlab course -h)")
     return parser
+
+
+def _check_out(args, tasks, config, model: str | None = None) -> None:
+    """Stop before any work if saving into ``--out`` would replace another run's results (unless --overwrite)."""
+    from . import reproduce
+
+    reason = None if args.overwrite else reproduce.replaces_other_run(args.out, [t.name for t in tasks], config, model)
+    if reason:
+        raise ValueError(f"--out {args.out}: {reason}. Saving this run would replace its files. Pass another --out "
+                         "folder, or --overwrite to replace them (earlier runs' per-task predictions stay in "
+                         f"{Path(args.out) / '.partial'}: running an earlier command again resumes from them).")
 
 
 def _reproduce(args) -> int:
@@ -112,6 +125,7 @@ def _reproduce(args) -> int:
         tasks = reproduce.resolve_tasks(_task_specs(args.tasks), args.scoring)
     for warning in caught:
         print(f"tvlab: warning: {warning.message}", file=sys.stderr)
+    _check_out(args, tasks, config)
     if args.device is not None:
         _resolve_device(args.device)
     start = time.perf_counter()
@@ -124,6 +138,7 @@ def _reproduce(args) -> int:
     if lm.backend is not None:
         lm.backend.progress = not args.no_progress
     print(f"Loaded {lm} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    _check_out(args, tasks, config, lm.name)
     results = reproduce.run_main(lm, tasks, config, out=args.out, progress=not args.no_progress, scoring=args.scoring)
     if lm.backend is not None:
         print(f"tvlab: {lm.backend.log}", file=sys.stderr)

@@ -283,6 +283,45 @@ def report(results: MainResults) -> str:
     return "\n".join(lines)
 
 
+RESULT_FILES = ("main_results.csv", "by_layer.csv", "by_category.csv", "predictions.csv", "results.json",
+                "main_results.png", "accuracy_by_layer.png")
+
+
+def replaces_other_run(out: str | Path, tasks: Sequence[str], config: ExperimentConfig,
+                       model: str | None = None) -> str | None:
+    """Why :func:`save` into ``out`` would replace the results of another run, or None.
+
+    ``out/results.json`` of an earlier run may be replaced by a run with its model, its
+    settings (batch size and fast path aside) and all its tasks: every number it held comes back.
+    Otherwise (or when the folder holds result files that no readable results.json
+    describes) this says what differs, so a caller can stop before any work. ``model``
+    None leaves the model out of the comparison (it is known only once loaded).
+    """
+    out = Path(out)
+    present = [name for name in RESULT_FILES if (out / name).is_file()]
+    if not present:
+        return None
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+        earlier_tasks = [row["task"] for row in earlier["tasks"]]
+        earlier_config, earlier_model = dict(earlier["config"]), earlier["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it holds {', '.join(present)} but no results.json of a tvlab run that describes them"
+    reasons = []
+    if model is not None and earlier_model != model:
+        reasons.append(f"model {earlier_model}, not {model}")
+    ours = {k: v for k, v in config.as_dict().items() if k not in ("batch_size", "fast_path")}  # speed, not results
+    changed = [f"{k} {earlier_config.get(k)!r}, not {v!r}" for k, v in ours.items() if earlier_config.get(k, v) != v]
+    reasons += changed
+    missing = [t for t in earlier_tasks if t not in set(tasks)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        reasons.append(f"{len(missing)} of its {len(earlier_tasks)} tasks not in this run ({shown})")
+    if not reasons:
+        return None
+    return "it holds the results of another run: " + "; ".join(reasons)
+
+
 def save(results: MainResults, out: str | Path) -> list[Path]:
     """Write CSV, JSON and PNG results to ``out``; returns the paths written."""
     from . import plots
