@@ -241,6 +241,7 @@ def test_the_sliced_argmax_on_a_cpu_equals_the_models_own_logits(model_type, mon
     full = predict_last(lm, prompts, groups=groups, patches=patches, predict=predict, logits=True, batch_size=5)
     plain = predict_last_plain(lm, prompts, patches=patches, predict=predict)
     assert sum(sliced_rows) == stats.logit_rows == sum(predict)  # the same rows, the same FLOP count
+    assert len(sliced_rows) == 1 and stats.forwards > 2  # one argmax for all of the call's batches
     assert (0, 1) in inputs and all(rows * positions == 0 for rows, positions in inputs)  # the model's unembedding computed nothing
     assert torch.equal(sliced.top_ids, full.top_ids) and torch.equal(sliced.top_ids, plain.top_ids)
 
@@ -269,6 +270,16 @@ def test_top_ids_sliced_keeps_the_first_of_tied_words_as_argmax_does():
     assert all(logits[row, a] == logits[row, b] == logits[row].max() for row, (a, b) in tied.items())
     top = top_ids_sliced(lm, h)
     assert torch.equal(top, logits.argmax(-1)) and top[:3].tolist() == [5, UNEMBED_SLICE + 3, last - 1]
+
+
+def test_top_ids_sliced_in_blocks_of_rows_equals_argmax(monkeypatch):
+    """More rows than one block (engine.UNEMBED_ROWS): each block gets its own argmax, in order."""
+    lm = tvlab.tiny_model("llama")
+    h = 3 * torch.randn(11, lm.d_model, generator=torch.Generator().manual_seed(10))
+    expected = lm.unembed(h).argmax(-1)
+    assert torch.equal(top_ids_sliced(lm, h), expected)
+    monkeypatch.setattr(engine, "UNEMBED_ROWS", 4)  # blocks of 4, 4 and 3 rows
+    assert torch.equal(top_ids_sliced(lm, h), expected)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "phi"])

@@ -219,13 +219,15 @@ _NO_LOGITS = torch.empty(0, dtype=torch.long)
 @torch.inference_mode()
 def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: list[tuple[int, ...]],
                owner: list[int], patches: list[RowPatch], read: bool, stats: ForwardStats, logits: bool = False,
-               mode: str = "replace", read_position: int = -1, predict: list[bool] | None = None):
+               mode: str = "replace", read_position: int = -1, predict: list[bool] | None = None,
+               pending: list | None = None):
     """Run one batch: the distinct ``prefixes`` once, then every suffix on its owner's cache.
 
     ``predict``: one flag per suffix; the unembedding runs on the flagged rows only (None: all),
-    and the others get -1 (and zero logits). Every input is built on the host and copied to the
-    device first, so the two forward passes and their hooks queue on a GPU without waiting for
-    it; the results come back at the end.
+    and the others get -1 (and zero logits). ``pending`` (a list): where :func:`top_ids_sliced`
+    would run, append ``(row indices, unembedding inputs)`` to it instead and leave those rows -1.
+    Every input is built on the host and copied to the device first, so the two forward passes
+    and their hooks queue on a GPU without waiting for it; the results come back at the end.
     """
     device, pad = lm.device, lm.tokenizer.pad_token_id
     shared = max(len(p) for p in prefixes) > 0
@@ -275,7 +277,12 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
         if last is None or last.shape[0] != n_wanted:
             raise RuntimeError(f"{lm.name} computes its logits without calling {lm.family.unembed}; tvlab.models.FAMILIES "
                                "must name the module the model's forward calls for its logits.")
-        top[wanted] = top_ids_sliced(lm, last) if taken is not None else last.argmax(-1).cpu()
+        if taken is None:
+            top[wanted] = last.argmax(-1).cpu()
+        elif pending is None:
+            top[wanted] = top_ids_sliced(lm, last)
+        else:  # the caller takes the argmax of several batches' rows at once (their top ids stay -1 here)
+            pending.append((wanted.nonzero().squeeze(1), last.contiguous()))  # keeps [rows, d_model], nothing more
         if logits:
             all_logits[wanted] = last.float().cpu()
     return top, hidden, all_logits
@@ -302,10 +309,14 @@ def _unembed_input(lm: LanguageModel, rows: torch.Tensor | None, taken: list | N
         handle.remove()
 
 
-#: Vocabulary slice of :func:`top_ids_sliced`: the logits of a few hundred rows over 4,096 words stay
-#: in a CPU's cache, where a 262k-word row block would not (Gemma 3's unembedding then ran at 150 instead
-#: of 100 GFLOP/s for 225 rows on a 2-core AVX2 machine; benchmarks/bench_reproduce.py measures the whole).
-UNEMBED_SLICE = 4096
+#: Vocabulary slice and row block of :func:`top_ids_sliced`: the logits of a block of rows over one slice of
+#: words stay in a CPU's cache, where a 262k-word row block would not. On a 2-core AVX2 machine (Gemma 3's
+#: unembedding, float32) 225 rows ran at 108 instead of 78 GFLOP/s in slices of 4,096 words; 900 rows at
+#: 130 GFLOP/s in slices of 1,024 against 123 in slices of 4,096, and 50 rows at 92 against 85. Few rows run
+#: slower (the weights are read once per block), so :func:`predict_last` takes one argmax for all of a call's
+#: batches; benchmarks/bench_reproduce.py measures the whole.
+UNEMBED_SLICE = 1024
+UNEMBED_ROWS = 2048
 
 
 def slices_unembedding(lm: LanguageModel) -> bool:
@@ -330,23 +341,27 @@ def top_ids_sliced(lm: LanguageModel, h: torch.Tensor) -> torch.Tensor:
     w_all, b_all = lm.unembed.weight, lm.unembed.bias
     cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
     n, vocab, dtype = h.shape[0], w_all.shape[0], h.dtype
-    best = torch.full((n,), float("-inf"), dtype=dtype)
     top = torch.zeros(n, dtype=torch.long)
-    buf = torch.empty(n, min(UNEMBED_SLICE, vocab), dtype=dtype)
-    for start in range(0, vocab, UNEMBED_SLICE):
-        part = slice(start, start + UNEMBED_SLICE)
-        w = w_all[part].to(dtype)
-        out = buf[:, :w.shape[0]]
-        if b_all is None:
-            torch.mm(h, w.t(), out=out)
-        else:
-            torch.addmm(b_all[part].to(dtype), h, w.t(), out=out)
-        if cap is not None:
-            out.div_(cap).tanh_().mul_(cap)
-        i = out.argmax(-1)
-        m = out.gather(1, i.unsqueeze(1)).squeeze(1)
-        better = m > best  # strict: an equal value in a later slice keeps the earlier word
-        best, top = torch.where(better, m, best), torch.where(better, i + start, top)
+    for r in range(0, n, UNEMBED_ROWS):
+        rows = h[r:r + UNEMBED_ROWS]
+        best = torch.full((rows.shape[0],), float("-inf"), dtype=dtype)
+        block = top[r:r + UNEMBED_ROWS]
+        buf = torch.empty(rows.shape[0], min(UNEMBED_SLICE, vocab), dtype=dtype)
+        for start in range(0, vocab, UNEMBED_SLICE):
+            part = slice(start, start + UNEMBED_SLICE)
+            w = w_all[part].to(dtype)
+            out = buf[:, :w.shape[0]]
+            if b_all is None:
+                torch.mm(rows, w.t(), out=out)
+            else:
+                torch.addmm(b_all[part].to(dtype), rows, w.t(), out=out)
+            if cap is not None:
+                out.div_(cap).tanh_().mul_(cap)
+            i = out.argmax(-1)
+            m = out.gather(1, i.unsqueeze(1)).squeeze(1)
+            better = m > best  # strict: an equal value in a later slice keeps the earlier word
+            best = torch.where(better, m, best)
+            block.copy_(torch.where(better, i + start, block))
     return top
 
 
@@ -409,6 +424,8 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     all_logits = torch.empty(n, lm.unembed.weight.shape[0]) if logits else None
 
     chunk: list[list[int]] = []
+    unembed_rows: list[int] = []  # rows whose argmax waits for the end (top_ids_sliced), and their inputs
+    unembed_in: list[torch.Tensor] = []
 
     window = attention_window(lm)
     deep = read_position != -1 or _deepest_position(patches) != -1
@@ -431,9 +448,13 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
                 suffixes.append(tuple(prompts[i][cut:]))
                 owner.append(k)
                 rows.append(i)
+        pending: list = []
         t, h, lg = _run_chunk(lm, prefixes, suffixes, owner, [patches[i] for i in rows], read, stats, logits, mode,
-                              read_position, [predict[i] for i in rows])
+                              read_position, [predict[i] for i in rows], pending)
         top[rows] = t
+        for j, last in pending:
+            unembed_rows.extend(rows[k] for k in j.tolist())
+            unembed_in.append(last)
         if read:
             hidden[rows] = h
         if logits:
@@ -452,6 +473,8 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         lone = len(idx) == 1
     if chunk:
         flush()
+    if unembed_in:  # one sliced argmax for all batches: many rows per slice of the vocabulary run faster
+        top[unembed_rows] = top_ids_sliced(lm, torch.cat(unembed_in))
     if read and unread is not None:
         hidden[unread] = 0.0
     return LastTokenOutput(top, hidden, stats, logits=all_logits)
