@@ -225,7 +225,8 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
 
     ``predict``: one flag per suffix; the unembedding runs on the flagged rows only (None: all),
     and the others get -1 (and zero logits). ``pending`` (a list): where :func:`top_ids_sliced`
-    would run, append ``(row indices, unembedding inputs)`` to it instead and leave those rows -1.
+    can run, append ``(row indices, unembedding inputs)`` to it and leave those rows -1 (None: the
+    model's own unembedding runs).
     Every input is built on the host and copied to the device first, so the two forward passes
     and their hooks queue on a GPU without waiting for it; the results come back at the end.
     """
@@ -246,7 +247,7 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     wanted = torch.ones(len(suffixes), dtype=torch.bool) if predict is None else torch.tensor(predict, dtype=torch.bool)
     n_wanted = int(wanted.sum())
     keep = wanted.nonzero().squeeze(1).to(device) if 0 < n_wanted < len(suffixes) else None
-    taken = [] if n_wanted and not logits and slices_unembedding(lm) else None
+    taken = [] if pending is not None and n_wanted and not logits and slices_unembedding(lm) else None
     cache = None
     if shared:
         # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
@@ -279,8 +280,6 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
                                "must name the module the model's forward calls for its logits.")
         if taken is None:
             top[wanted] = last.argmax(-1).cpu()
-        elif pending is None:
-            top[wanted] = top_ids_sliced(lm, last)
         else:  # the caller takes the argmax of several batches' rows at once (their top ids stay -1 here)
             pending.append((wanted.nonzero().squeeze(1), last.contiguous()))  # keeps [rows, d_model], nothing more
         if logits:
