@@ -330,7 +330,8 @@ def slices_unembedding(lm: LanguageModel) -> bool:
 @torch.inference_mode()
 def top_ids_sliced(lm: LanguageModel, h: torch.Tensor) -> torch.Tensor:
     """The argmax over the vocabulary of the unembedding of ``h`` [n, d_model], one slice of
-    :data:`UNEMBED_SLICE` words at a time, so that the [n, vocab] logits never exist at once.
+    :data:`UNEMBED_SLICE` words and one block of :data:`UNEMBED_ROWS` rows at a time, so that the
+    [n, vocab] logits never exist at once.
 
     Equal to ``logits.argmax(-1)`` of the model's own logits: the same matmul (and bias) per slice in
     ``h``'s dtype (weights stored narrower are converted slice by slice, as the model converts them), the
