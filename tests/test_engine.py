@@ -246,6 +246,23 @@ def test_the_sliced_argmax_on_a_cpu_equals_the_models_own_logits(model_type, mon
     assert torch.equal(sliced.top_ids, full.top_ids) and torch.equal(sliced.top_ids, plain.top_ids)
 
 
+def test_a_cpu_fills_a_batch_of_short_prompts_by_tokens_when_the_argmax_is_sliced(tiny):
+    """A layer sweep's rows (one zero-shot prompt patched at every layer): with the argmax in slices no prompt's
+    logits exist whole, so the auto batch holds all of them; with logits kept, at most CPU_BATCH_SIZE."""
+    queries = [tiny.tokenizer(f"Q: word{i} A:").input_ids for i in range(80)]
+    prompts = [q for q in queries for _ in range(tiny.n_layers)]
+    groups = [i for i in range(len(queries)) for _ in range(tiny.n_layers)]
+    g = torch.Generator().manual_seed(11)
+    patches = [(layer, 3 * torch.randn(tiny.d_model, generator=g)) for _ in queries for layer in range(tiny.n_layers)]
+    assert len(prompts) > engine.CPU_BATCH_SIZE and slices_unembedding(tiny)
+    sliced, full = ForwardStats(), ForwardStats()
+    top = predict_last(tiny, prompts, groups=groups, patches=patches, stats=sliced).top_ids
+    kept = predict_last(tiny, prompts, groups=groups, patches=patches, logits=True, stats=full).top_ids
+    assert sliced.largest_batch == len(prompts) and sliced.forwards == 2  # the prefixes, then every row's last token
+    assert full.largest_batch == engine.CPU_BATCH_SIZE and full.forwards > 2
+    assert torch.equal(top, kept)
+
+
 @pytest.mark.parametrize("logits", [False, True])
 def test_an_unembedding_the_forward_never_calls_is_an_error_not_wrong_answers(logits):
     lm = tvlab.tiny_model("llama")
@@ -403,6 +420,9 @@ def test_blocks_of_tasks_on_a_gpu_give_the_cpus_predictions(tiny):
 def test_auto_batch_size_fills_a_share_of_free_gpu_memory(tiny, monkeypatch):
     assert tvlab.engine.auto_batch_size(tiny, 8) == tvlab.engine.CPU_BATCH_SIZE  # on a CPU: short prompts, 256
     assert tvlab.engine.auto_batch_size(tiny, 48) == tvlab.engine.CPU_BATCH_TOKENS // 48  # long ones: a token budget
+    # No whole logits per prompt (the argmax in slices): the token budget alone, up to MAX_AUTO_BATCH.
+    assert tvlab.engine.auto_batch_size(tiny, 8, logits=False) == tvlab.engine.CPU_BATCH_TOKENS // 8
+    assert tvlab.engine.auto_batch_size(tiny, 1, logits=False) == tvlab.engine.MAX_AUTO_BATCH
     per_prompt = tvlab.engine.bytes_per_prompt(tiny, 64)
     monkeypatch.setattr(type(tiny), "device", property(lambda self: torch.device("cuda", 0)))
     for free, want in ((100 * per_prompt, 60), (per_prompt // 2, 1), (10**9 * per_prompt, tvlab.engine.MAX_AUTO_BATCH)):

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "NDIF_API_KEY, see docs/scaling.md)")
     rep.add_argument("--batch-size", type=_batch_size, default=d.batch_size, metavar="N|auto",
                      help="prompts per forward pass; auto (the default): as many as fit in 60%% of a GPU's free memory, "
-                          "on a CPU up to 256 prompts and 6144 tokens. Lower it if memory runs out")
+                          "on a CPU up to 6144 tokens (and 256 prompts where their logits are kept whole). Lower it if memory runs out")
     rep.add_argument("--out", type=_out_folder, default="tvlab-results", help="folder for CSV, JSON and PNG results (default ./tvlab-results)")
     rep.add_argument("--overwrite", action="store_true",
                      help="replace the results of another run (other tasks, settings or model) found in --out")
@@ -114,7 +114,7 @@ def _check_out(args, tasks, config, model: str | None = None) -> None:
 
 
 def _reproduce(args) -> int:
-    from . import experiments, reproduce
+    from . import engine, experiments, reproduce
     from .models import _resolve_device, load_model
 
     config = ExperimentConfig(n_demos=args.n_demos, n_test=args.n_test, n_dev=args.n_dev, n_baseline=args.n_baseline,
@@ -143,8 +143,13 @@ def _reproduce(args) -> int:
     if lm.backend is not None:
         print(f"tvlab: {lm.backend.log}", file=sys.stderr)
     print(reproduce.report(results))
-    chosen = ("--batch-size" if config.batch_size is not None else "auto: from the GPU's free memory"
-              if lm.device.type == "cuda" else "auto: at most 256 prompts and 6144 tokens on a CPU")
+    if config.batch_size is not None:
+        chosen = "--batch-size"
+    elif lm.device.type == "cuda":
+        chosen = "auto: from the GPU's free memory"
+    else:
+        most = "" if engine.slices_unembedding(lm) else f" and {engine.CPU_BATCH_SIZE} prompts"
+        chosen = f"auto: at most {engine.CPU_BATCH_TOKENS} tokens{most} per pass on a CPU"
     ran = len(tasks) - len(results.resumed)
     per_call = min(experiments.tasks_per_call(lm, config), ran)
     if ran:
