@@ -371,6 +371,84 @@ def test_rows_not_predicted_skip_the_unembedding_and_the_rest_is_unchanged(model
     torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
 
 
+def test_length_parts_minimise_the_cost_of_every_cut():
+    """The dynamic program against every way of cutting the sorted distinct lengths into ranges."""
+    import itertools
+
+    from tvlab.engine import _length_parts
+
+    def cost(parts, lengths, overhead):
+        return sum(overhead + len(rows) * max(lengths[r] for r in rows) for rows in parts)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        lengths = torch.randint(1, 9, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        overhead = [0.0, 3.0, 10.0, 40.0, 1e9][trial % 5]
+        parts = _length_parts(lengths, overhead)
+        assert sorted(r for rows in parts for r in rows) == list(range(len(lengths)))  # every row once
+        assert all(rows == sorted(rows) for rows in parts)
+        distinct = sorted(set(lengths))
+        best = float("inf")
+        for m in range(len(distinct)):
+            for cuts in itertools.combinations(range(1, len(distinct)), m):
+                edges = [0, *cuts, len(distinct)]
+                ranges = [distinct[a:b] for a, b in zip(edges, edges[1:])]
+                best = min(best, cost([[r for r, n in enumerate(lengths) if n in span] for span in ranges], lengths, overhead))
+        assert cost(parts, lengths, overhead) == pytest.approx(best)
+    assert _length_parts([2, 2, 3, 9], 1e9) == [[0, 1, 2, 3]]  # passes dearer than any padding: one pass
+    assert _length_parts([3, 1, 3, 2], 0.0) == [[1], [3], [0, 2]]  # free passes: one per length
+
+
+def _mixed_length_prompts(lm, seed=0):
+    """Groups whose suffixes (after a shared prefix) are 1 to 5 tokens, and lone prompts of 2 to 9 tokens."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, lm.tokenizer.vocab_size, (n,), generator=g).tolist()
+
+    prompts, groups = [], []
+    for k, prefix_len in enumerate([6, 11, 8]):
+        prefix = ids(prefix_len)
+        for n in (1, 2, 2, 5, 3, 1, 4):
+            prompts.append(prefix + ids(n))
+            groups.append(k)
+    for k, n in enumerate((2, 9, 3, 3, 7, 2, 8)):
+        prompts.append(ids(n))
+        groups.append(100 + k)
+    return prompts, groups
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_suffixes_split_by_length_into_several_passes_equal_the_plain_path(model_type, monkeypatch):
+    """With passes made free, every suffix length runs in a pass of its own, each on its copy of the prefix
+    cache: reads, patches (at the last token and before it), unpredicted rows and logits as the plain path has them."""
+    lm = tvlab.tiny_model(model_type)
+    prompts, groups = _mixed_length_prompts(lm)
+    g = torch.Generator().manual_seed(1)
+    patches = [None if i % 3 == 0 else (i % lm.n_layers, torch.randn(lm.d_model, generator=g)) for i in range(len(prompts))]
+    predict = [i % 4 != 1 for i in range(len(prompts))]
+    read = [i % 5 != 2 for i in range(len(prompts))]
+    plain = predict_last_plain(lm, prompts, patches=patches, read=read, predict=predict)
+    whole = predict_last(lm, prompts, groups=groups, patches=patches, read=read, predict=predict)
+    monkeypatch.setattr(engine, "PASS_OVERHEAD_FLOP", 0.0)
+    for logits in (False, True):
+        fast = predict_last(lm, prompts, groups=groups, patches=patches, read=read, predict=predict, logits=logits)
+        assert torch.equal(fast.top_ids, plain.top_ids)
+        torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+        if logits:
+            wanted = torch.tensor(predict)
+            assert torch.equal(fast.logits[wanted].argmax(-1), plain.top_ids[wanted]) and (fast.logits[~wanted] == 0).all()
+    # the same work in more passes: the prefixes, one pass per suffix length (5), one per lone prompts' length (5)
+    assert whole.stats.forwards == 3 and fast.stats.forwards == 1 + 5 + 5
+    assert (fast.stats.tokens, fast.stats.logit_rows) == (whole.stats.tokens, whole.stats.logit_rows)
+    assert torch.equal(whole.top_ids, plain.top_ids)
+    early = [(1, torch.randn(lm.d_model, generator=g), -2) if i % 2 else None for i in range(len(prompts))]
+    fast = predict_last(lm, prompts, groups=groups, patches=early, read=True, read_position=-2)
+    plain = predict_last_plain(lm, prompts, patches=early, read=True, read_position=-2)
+    assert torch.equal(fast.top_ids, plain.top_ids) and fast.stats.forwards > 2
+    torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+
 def test_no_row_predicted_runs_no_unembedding(tiny):
     prompts, groups = _prompt_groups(tiny, n_sets=2)
     stats = ForwardStats()

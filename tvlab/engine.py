@@ -16,7 +16,9 @@ Three tricks, each checked against :func:`predict_last_plain` (one prompt per fo
 nothing shared) on tiny models in ``tests/test_engine.py``:
 
 1. Batching with left padding, so the predicting token is the last column of every row;
-   explicit position ids keep a padded prompt's positions those of the unpadded one.
+   explicit position ids keep a padded prompt's positions those of the unpadded one. On a
+   CPU, where padding costs as much as tokens, a batch's rows of very different lengths run
+   in one pass per range of lengths, where that saves more than the passes cost (:func:`_length_parts`).
 2. Logits at the last position only (``logits_to_keep=1``): a 262k-word unembedding at
    every position would cost more than the rest of the model. Rows whose prediction is not
    wanted (``predict``: a dummy prompt is only read) get no logits at all. On a CPU the
@@ -35,6 +37,7 @@ nothing shared) on tiny models in ``tests/test_engine.py``:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -222,6 +225,68 @@ def _cache_arg(lm: LanguageModel, cache) -> dict:
 
 _NO_LOGITS = torch.empty(0, dtype=torch.long)
 
+#: On a CPU, where a forward pass costs about its padded tokens, a batch's suffixes run in one pass per range of
+#: lengths (:func:`_length_parts`) when that saves more padded work than the extra passes cost: each is counted as
+#: this much block work (its Python and per-layer dispatch, a copy of the prefix cache, smaller matmuls). Gemma 3
+#: 270M (100 M block weights): about 40 tokens; a tiny test model: tens of thousands, so it never splits a batch.
+PASS_OVERHEAD_FLOP = 8e9
+
+
+def _length_parts(lengths: Sequence[int], overhead_tokens: float) -> list[list[int]]:
+    """Row indices cut into passes by ranges of length, to minimise the sum over passes of
+    ``overhead_tokens + rows x longest length``: a dynamic program over the distinct lengths (few here).
+
+    Each part lists its rows in their original order; one part (all rows) when nothing is saved.
+    """
+    distinct = sorted(set(lengths))
+    count = {length: 0 for length in distinct}
+    for length in lengths:
+        count[length] += 1
+    k = len(distinct)
+    best, start = [0.0] + [float("inf")] * k, [0] * (k + 1)  # best[j]: the j shortest lengths' cost; start: its last pass
+    for j in range(1, k + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # the last pass runs distinct[i-1 .. j-1], padded to distinct[j-1]
+            rows += count[distinct[i - 1]]
+            cost = best[i - 1] + overhead_tokens + rows * distinct[j - 1]
+            if cost < best[j]:
+                best[j], start[j] = cost, i - 1
+    bounds, j = [], k
+    while j > 0:
+        bounds.append((distinct[start[j]], distinct[j - 1]))
+        j = start[j]
+    return [[r for r, length in enumerate(lengths) if low <= length <= high] for low, high in reversed(bounds)]
+
+
+@dataclass
+class _Pass:
+    """One suffix pass's inputs, built on the host and already copied to the device."""
+    rows: list[int]                  # its rows among the batch's suffixes
+    tokens: int                      # their real (unpadded) tokens
+    ids: torch.Tensor                # [rows, width] left-padded suffix tokens
+    mask: torch.Tensor               # [rows, prefix width + width]: the owner's prefix mask, then the suffix's
+    positions: torch.Tensor          # [rows, width]
+    owner: torch.Tensor | None       # [rows] the prefix each row extends (None: no shared prefix)
+    sites: list                      # _patch_sites of its rows
+    wanted: torch.Tensor             # [rows] bool, on the host: the rows that get the unembedding
+    keep: torch.Tensor | None        # the wanted rows' indices on the device, when not all are wanted
+
+
+def _plan_pass(lm: LanguageModel, rows: list[int], suffixes, owner, prefixes, p_mask, patches, predict) -> _Pass:
+    device = lm.device
+    s_ids, s_mask = _left_pad([suffixes[i] for i in rows], lm.tokenizer.pad_token_id)
+    owners = [owner[i] for i in rows]
+    start = torch.tensor([len(prefixes[o]) for o in owners]).unsqueeze(1)
+    s_pos = (start + s_mask.cumsum(-1) - 1).clamp(min=0)
+    owner_t = torch.tensor(owners) if p_mask is not None else None
+    mask = s_mask if p_mask is None else torch.cat([p_mask[owner_t], s_mask], dim=1)
+    wanted = torch.ones(len(rows), dtype=torch.bool) if predict is None else torch.tensor([predict[i] for i in rows],
+                                                                                          dtype=torch.bool)
+    n_wanted = int(wanted.sum())
+    keep = wanted.nonzero().squeeze(1).to(device) if 0 < n_wanted < len(rows) else None
+    return _Pass(rows, sum(len(suffixes[i]) for i in rows), s_ids.to(device), mask.to(device), s_pos.to(device),
+                 None if owner_t is None else owner_t.to(device), _patch_sites(lm, [patches[i] for i in rows]), wanted, keep)
+
 
 @torch.inference_mode()
 def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: list[tuple[int, ...]],
@@ -234,64 +299,84 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
     and the others get -1 (and zero logits). ``pending`` (a list): where :func:`top_ids_sliced`
     can run, append ``(row indices, unembedding inputs)`` to it and leave those rows -1 (None: the
     model's own unembedding runs).
-    Every input is built on the host and copied to the device first, so the two forward passes
+    On a CPU the suffixes may run in several passes, one per range of lengths (:data:`PASS_OVERHEAD_FLOP`),
+    each on its own copy of the prefix cache; elsewhere in one.
+    Every input is built on the host and copied to the device first, so the forward passes
     and their hooks queue on a GPU without waiting for it; the results come back at the end.
     """
     device, pad = lm.device, lm.tokenizer.pad_token_id
     shared = max(len(p) for p in prefixes) > 0
-    s_ids, s_mask = _left_pad(suffixes, pad)
-    start = torch.tensor([len(prefixes[o]) for o in owner]).unsqueeze(1)
-    s_pos = (start + s_mask.cumsum(-1) - 1).clamp(min=0)
-    mask = s_mask
+    p_mask = None
     if shared:
         p_ids, p_mask = _left_pad(prefixes, pad)
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-        owner_t = torch.tensor(owner)
-        mask = torch.cat([p_mask[owner_t], s_mask], dim=1)
-        p_ids, p_mask, p_pos, owner_t = (t.to(device) for t in (p_ids, p_mask, p_pos, owner_t))
-    s_ids, mask, s_pos = (t.to(device) for t in (s_ids, mask, s_pos))
-    sites = _patch_sites(lm, patches)
-    wanted = torch.ones(len(suffixes), dtype=torch.bool) if predict is None else torch.tensor(predict, dtype=torch.bool)
-    n_wanted = int(wanted.sum())
-    keep = wanted.nonzero().squeeze(1).to(device) if 0 < n_wanted < len(suffixes) else None
-    taken = [] if pending is not None and n_wanted and not logits and slices_unembedding(lm) else None
+        p_ids, p_pos, p_mask_d = (t.to(device) for t in (p_ids, p_pos, p_mask))
+    parts = [list(range(len(suffixes)))]
+    if lm.device.type == "cpu":
+        parts = _length_parts([len(s) for s in suffixes], PASS_OVERHEAD_FLOP / (2.0 * block_params(lm)))
+    passes = [_plan_pass(lm, rows, suffixes, owner, prefixes, p_mask, patches, predict) for rows in parts]
+    sliced = pending is not None and not logits and slices_unembedding(lm)
     cache = None
     if shared:
         # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
-        out = lm.model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+        out = lm.model(input_ids=p_ids, attention_mask=p_mask_d, position_ids=p_pos, use_cache=True,
                        logits_to_keep=_NO_LOGITS)
         cache = _cache_of(out)
-        cache.batch_select_indices(owner_t)  # one copy of its prefix per suffix
         stats.forwards += 1
         stats.tokens += int(sum(len(p) for p in prefixes))
+    n = len(suffixes)
+    top = torch.full((n,), -1, dtype=torch.long)
+    hidden = torch.empty(n, lm.n_layers, lm.d_model) if read else None
+    all_logits = torch.zeros(n, lm.unembed.weight.shape[0]) if logits else None
+    for k, p in enumerate(passes):
+        part_cache = None
+        if cache is not None:  # the last pass may take the prefix cache itself; the others take a copy
+            part_cache = cache if k == len(passes) - 1 else copy.deepcopy(cache)
+            part_cache.batch_select_indices(p.owner)  # one copy of its prefix per suffix
+        taken = [] if sliced and bool(p.wanted.any()) else None
+        h, last = _run_suffixes(lm, p, part_cache, read, stats, mode, read_position, taken)
+        rows = torch.tensor(p.rows)
+        if read:
+            hidden[rows] = h
+        if last is None:
+            continue
+        wanted_rows = rows[p.wanted]
+        if taken is None:
+            top[wanted_rows] = last.argmax(-1).cpu()
+        else:  # the caller takes the argmax of several batches' rows at once (their top ids stay -1 here)
+            pending.append((wanted_rows, last.contiguous()))  # keeps [rows, d_model], nothing more
+        if logits:
+            all_logits[wanted_rows] = last.float().cpu()
+    return top, hidden, all_logits
+
+
+def _run_suffixes(lm: LanguageModel, p: _Pass, cache, read: bool, stats: ForwardStats, mode: str, read_position: int,
+                  taken: list | None):
+    """One suffix pass: its rows' hidden states [rows, n_layers, d_model] (None unless ``read``), and the wanted
+    rows' last logits [n_wanted, vocab], or with ``taken`` their unembedding inputs [n_wanted, d_model] (None if
+    no row is wanted)."""
+    n_wanted = int(p.wanted.sum())
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
-        stack.enter_context(_patches(lm, sites, mode))
-        if keep is not None or taken is not None:
-            stack.enter_context(_unembed_input(lm, keep, taken))
-        out = lm.model(input_ids=s_ids, attention_mask=mask, position_ids=s_pos, use_cache=cache is not None,
+        stack.enter_context(_patches(lm, p.sites, mode))
+        if p.keep is not None or taken is not None:
+            stack.enter_context(_unembed_input(lm, p.keep, taken))
+        out = lm.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, use_cache=cache is not None,
                        logits_to_keep=1 if n_wanted else _NO_LOGITS, **_cache_arg(lm, cache))
     stats.forwards += 1
-    stats.tokens += int(sum(len(s) for s in suffixes))
+    stats.tokens += p.tokens
     stats.logit_rows += n_wanted
     hidden = rec.hidden.float().cpu() if read else None
-    top = torch.full((len(suffixes),), -1, dtype=torch.long)
-    all_logits = torch.zeros(len(suffixes), lm.unembed.weight.shape[0]) if logits else None
-    if n_wanted:
-        if taken is None:
-            last = out.logits[:, -1]  # [n_wanted, vocab]: the unembedding saw the wanted rows only
-        else:  # [n_wanted, d_model]: what the unembedding was handed, if the model's forward called it
-            last = taken[0] if len(taken) == 1 else None
-        if last is None or last.shape[0] != n_wanted:
-            raise RuntimeError(f"{lm.name} computes its logits without calling {lm.family.unembed}; tvlab.models.FAMILIES "
-                               "must name the module the model's forward calls for its logits.")
-        if taken is None:
-            top[wanted] = last.argmax(-1).cpu()
-        else:  # the caller takes the argmax of several batches' rows at once (their top ids stay -1 here)
-            pending.append((wanted.nonzero().squeeze(1), last.contiguous()))  # keeps [rows, d_model], nothing more
-        if logits:
-            all_logits[wanted] = last.float().cpu()
-    return top, hidden, all_logits
+    if not n_wanted:
+        return hidden, None
+    if taken is None:
+        last = out.logits[:, -1]  # [n_wanted, vocab]: the unembedding saw the wanted rows only
+    else:  # [n_wanted, d_model]: what the unembedding was handed, if the model's forward called it
+        last = taken[0] if len(taken) == 1 else None
+    if last is None or last.shape[0] != n_wanted:
+        raise RuntimeError(f"{lm.name} computes its logits without calling {lm.family.unembed}; tvlab.models.FAMILIES "
+                           "must name the module the model's forward calls for its logits.")
+    return hidden, last
 
 
 @contextlib.contextmanager
