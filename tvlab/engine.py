@@ -36,6 +36,7 @@ nothing shared) on tiny models in ``tests/test_engine.py``:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import inspect
@@ -238,10 +239,8 @@ def _length_parts(lengths: Sequence[int], overhead_tokens: float) -> list[list[i
 
     Each part lists its rows in their original order; one part (all rows) when nothing is saved.
     """
-    distinct = sorted(set(lengths))
-    count = {length: 0 for length in distinct}
-    for length in lengths:
-        count[length] += 1
+    count = collections.Counter(lengths)
+    distinct = sorted(count)
     k = len(distinct)
     best, start = [0.0] + [float("inf")] * k, [0] * (k + 1)  # best[j]: the j shortest lengths' cost; start: its last pass
     for j in range(1, k + 1):
