@@ -31,16 +31,17 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "nu
 
 
 def random_llama(shape: dict, device: str, dtype: torch.dtype, name: str):
-    """A LLaMA-architecture model with random weights, created directly on ``device``."""
+    """A LLaMA-architecture model with random weights, created directly on ``device`` in ``dtype`` (the 7B
+    shape's 13.5 GB of bfloat16, never its 27 GB of float32)."""
     import tvlab
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     tokenizer = tvlab.models.tiny_tokenizer()
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return tvlab.LanguageModel(model, tokenizer, name)
 
 
