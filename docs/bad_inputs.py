@@ -41,6 +41,7 @@ def _cases(tmp: Path):
     import torch
 
     import tvlab
+    import tvlab.widgets
     from tvlab import models
 
     lm = tvlab.tiny_model("llama")
@@ -193,6 +194,21 @@ def _cases(tmp: Path):
             lm, "antonyms", tvlab.ExperimentConfig(n_demos=120, n_test=1, n_dev=1, n_baseline=1))),
         ("Settings", "a position that is not in the prompt", far_position),
         ("Settings", "an unknown prompt format", lambda: tvlab.ExperimentConfig(format="chat")),
+        ("Settings", "fast_path that is not True or False", lambda: tvlab.ExperimentConfig(fast_path="no")),
+        ("Settings", "a zero or negative count in an analysis (a negative one would slice from the end)",
+         lambda: tvlab.beyond.multi_token_answers(lm, "country_capital", 1, n_test=-1)),
+        ("Settings", "an empty list of tasks", lambda: tvlab.layer_sweep(lm, [], small)),
+        ("Settings", "a task named twice where vectors are collected", lambda: tvlab.geometry.collect_task_vectors(
+            lm, ["antonyms", "antonyms"], n_per_task=2)),
+        ("Settings", "a widget started outside its slider's range (it would move to the nearest end)",
+         lambda: tvlab.widgets.patching_explorer(lm, layer=7)),
+        ("Settings", "a model's name where the model is expected", lambda: tvlab.run_task("tiny-llama", "antonyms", small)),
+        ("Settings", "a dict where an ExperimentConfig is expected", lambda: tvlab.run_task(lm, "antonyms", {"n_test": 2})),
+        ("Settings", "a TaskRun where its predictions are expected", lambda: tvlab.summarize(tvlab.run_task(lm, "antonyms", small))),
+        ("Settings", "a folder where a file to save vectors to is expected", lambda: tvlab.beyond.VectorBank(
+            {"a": torch.zeros(8)}, {"a": 1}).save(tmp)),
+        ("Settings", "a file that is not a saved bank of task vectors", lambda: tvlab.geometry.TaskVectors.load(
+            task_file("t.csv", "hot,cold\n"))),
         ("Model", "an unknown model name, offline", lambda: tvlab.load_model("no-such-org/no-such-model")),
         ("Model", "a family missing from the table", unknown_family),
         ("Model", "a block that returns something unexpected", odd_block),

@@ -406,3 +406,170 @@ def test_next_token_probs_lists_at_most_the_vocabulary(tiny):
     for k in (0, 2.5, "3"):
         with pytest.raises(ValueError, match="k must be a whole number >= 1"):
             tvlab.explore.next_token_probs(tiny, "example:big->", k=k)
+
+
+# --------------------------------------------------------------------------- the analysis helpers and widgets
+
+@pytest.fixture
+def no_forward(tiny, monkeypatch):
+    """Any forward pass of the tiny model fails the test: a bad count must be refused before any work."""
+    def forward(*args, **kwargs):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(tiny.model, "forward", forward)
+    return tiny
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda lm: tvlab.beyond.multi_token_answers(lm, "country_capital", 1, n_test=-1), "n_test"),  # [:-1] ran 32
+    (lambda lm: tvlab.beyond.composition(lm, 1, 2, n_test=-3), "n_test"),
+    (lambda lm: tvlab.beyond.composition(lm, 1, 2, n_test=30), "at most 25"),
+    (lambda lm: tvlab.beyond.accuracy_vs_sets(lm, "antonyms", 1, n_sets=(0, 1)), "n_sets"),  # a mean of no vectors
+    (lambda lm: tvlab.beyond.accuracy_vs_sets(lm, "antonyms", 1, n_sets=[]), "n_sets is empty"),
+    (lambda lm: tvlab.beyond.accuracy_vs_sets(lm, "antonyms", 1, n_repeats=0), "n_repeats"),
+    (lambda lm: tvlab.beyond.replace_vs_add(lm, "antonyms", 1, n_sets=0), "n_sets"),
+    (lambda lm: tvlab.beyond.replace_vs_add(lm, "antonyms", 1, scales=["big"]), "scales"),
+    (lambda lm: tvlab.beyond.generate(lm, "x", max_new_tokens=-1), "max_new_tokens"),
+    (lambda lm: tvlab.beyond.generate(lm, ""), "text"),
+    (lambda lm: tvlab.beyond.build_bank(lm, ["antonyms"], n_sets=0), "n_sets"),
+    (lambda lm: tvlab.beyond.portability(lm, "country_capital", 1, n_test=0), "n_test"),
+    (lambda lm: tvlab.geometry.collect_task_vectors(lm, ["antonyms"], n_per_task=0), "n_per_task"),
+    (lambda lm: tvlab.conflicts.conflicting_tasks(lm, "next_letter", "to_upper", n_sets=0), "n_sets"),
+    (lambda lm: tvlab.conflicts.paper_pairs(lm, n_sets=0), "n_sets"),
+    (lambda lm: tvlab.explore.icl_vs_demos(lm, ["antonyms"], [1], n_sets=0), "n_sets"),
+    (lambda lm: tvlab.explore.icl_vs_demos(lm, ["antonyms"], []), "n_demos is empty"),
+    (lambda lm: tvlab.explore.format_comparison(lm, ["antonyms"], formats=[]), "formats is empty"),
+    (lambda lm: tvlab.explore.query_swap(lm, "next_letter", 1, n_queries=0), "n_queries"),
+    (lambda lm: tvlab.explore.icl_prompt(lm, "antonyms", 2.5, "big"), "n_demos"),
+    (lambda lm: tvlab.explore.three_predictions(lm, "antonyms", "", layer=1), "query"),
+    (lambda lm: tvlab.explore.next_token_probs(lm, ["a b"]), "text"),
+])
+def test_a_bad_count_or_text_is_named_before_any_forward_pass(no_forward, call, name):
+    with pytest.raises(ValueError, match=name):
+        call(no_forward)
+
+
+@pytest.mark.parametrize("call", [
+    lambda lm: tvlab.layer_sweep(lm, [], SMALL),
+    lambda lm: reproduce.run_main(lm, [], SMALL, progress=False),
+    lambda lm: tvlab.geometry.collect_task_vectors(lm, []),
+    lambda lm: tvlab.beyond.build_bank(lm, []),
+    lambda lm: tvlab.explore.icl_vs_demos(lm, [], [1]),
+])
+def test_no_tasks_is_an_error_not_an_empty_result(no_forward, call):
+    with pytest.raises(TaskError, match="no tasks given"):
+        call(no_forward)
+
+
+def test_a_task_named_twice_is_refused_where_vectors_would_count_twice(no_forward):
+    with pytest.raises(TaskError, match="'antonyms' named more than once"):
+        tvlab.geometry.collect_task_vectors(no_forward, ["antonyms", "antonyms"], n_per_task=2)
+    with pytest.raises(TaskError, match="named more than once"):
+        tvlab.beyond.build_bank(no_forward, ["antonyms", tvlab.get_task("antonyms")])
+
+
+def test_one_item_where_a_list_is_expected_is_a_list_of_it():
+    from tvlab._checks import as_list, counts
+
+    assert counts(4, "n_sets") == [4] and counts(np.int64(2), "n") == [2] and counts((1, 2), "n") == [1, 2]
+    assert as_list("qa", "targets") == ["qa"] and as_list(["qa", "paper"], "targets") == ["qa", "paper"]
+    vectors = tvlab.geometry.TaskVectors(torch.randn(8, 3, 4), __import__("pandas").DataFrame(
+        {"task": ["a"] * 4 + ["b"] * 4, "category": "custom", "set": list(range(4)) * 2}), {})
+    assert list(tvlab.geometry.by_layer(vectors, layers=2)["layer"]) == [2]
+
+
+def test_format_comparison_and_a_bank_explorer_take_tasks_from_files(tiny, tmp_path):
+    rows = [{"input": f"w{i}", "output": f"w{i + 1}"} for i in range(12)]  # one-token words of the tiny vocabulary
+    path = _write(tmp_path / "shift.json", rows)
+    frame = tvlab.explore.format_comparison(tiny, [path], formats=["paper"], n_sets=2, n_demos=2)
+    assert list(frame["task"]) == ["shift"] and frame["one_token_pairs"].iloc[0].endswith("/12")
+    bank = tvlab.beyond.VectorBank({"shift": torch.zeros(tiny.d_model)}, {"shift": 1}, {"model": tiny.name})
+    explorer = tvlab.widgets.bank_explorer(tiny, bank)  # before: get_task("shift"), an unknown task
+    assert explorer.controls["query"].value == ""
+
+
+def test_a_prompt_format_of_ones_own_goes_into_an_experiment_config(tiny):
+    mine = tvlab.PromptFormat("mine", "Word: {x} Opposite: {y}")
+    config = tvlab.ExperimentConfig(format=mine, n_test=2, n_dev=2, n_baseline=2)
+    assert json.loads(json.dumps(config.as_dict()))["format"]["template"] == "Word: {x} Opposite: {y}"
+    frame = tvlab.explore.icl_vs_demos(tiny, ["antonyms"], [1], n_sets=2, fmt=mine)
+    assert len(frame) == 1
+    with pytest.raises(ValueError, match="unknown prompt format"):
+        tvlab.ExperimentConfig(format=["paper"])
+    with pytest.raises(ValueError, match="fast_path must be True or False"):
+        tvlab.ExperimentConfig(fast_path="no")
+    assert tvlab.ExperimentConfig(fast_path=np.bool_(False)).fast_path is False
+
+
+def test_the_wrong_object_in_the_main_api_says_what_to_pass(tiny):
+    with pytest.raises(TypeError, match=r"load_model\('tiny-llama'\)"):
+        tvlab.run_task("tiny-llama", "antonyms", SMALL)
+    with pytest.raises(TypeError, match=r"ExperimentConfig\(\*\*your_dict\)"):
+        tvlab.run_task(tiny, "antonyms", {"n_test": 2})
+    run = tvlab.run_task(tiny, "antonyms", SMALL)
+    with pytest.raises(TypeError, match="pass run.predictions"):
+        tvlab.summarize(run)
+    with pytest.raises(ValueError, match="no column.*'split'.*pass run.predictions"):
+        tvlab.layer_accuracy(run.summary)
+    with pytest.raises(ValueError, match="pass run.summary"):
+        tvlab.category_means(run.predictions)
+    assert len(tvlab.category_means(run.summary)) == 2  # its category and all tasks
+
+
+def test_widgets_refuse_a_start_outside_their_range_and_name_the_choices(tiny):
+    w = tvlab.widgets
+    with pytest.raises(ValueError, match="layer must be a whole number from 0 to 3, got 7"):
+        w.patching_explorer(tiny, layer=7)
+    assert w.patching_explorer(tiny).controls["layer"].value == 3  # the default 10 on a 4-layer model: its last
+    with pytest.raises(ValueError, match="n_demos must be a whole number from 0 to 10"):
+        w.icl_explorer(tiny, n_demos=50)
+    with pytest.raises(ValueError, match="task_a 'antonym' is not one of the choices: next_letter"):
+        w.conflict_explorer(tiny, task_a="antonym")
+    with pytest.raises(ValueError, match="models must be a non-empty dict"):
+        w.model_explorer([tiny])
+    vectors = tvlab.geometry.TaskVectors(torch.randn(12, 4, tiny.d_model), __import__("pandas").DataFrame(
+        {"task": ["antonyms"] * 6 + ["fr_en"] * 6, "category": "custom", "set": list(range(6)) * 2}), {})
+    with pytest.raises(ValueError, match="task 'antonym' is not one of the choices: antonyms, fr_en"):
+        w.top_tokens_explorer(tiny, vectors, task="antonym")
+    with pytest.raises(ValueError, match="bank must be a tvlab.beyond.VectorBank"):
+        w.bank_explorer(tiny, vectors)
+
+
+def test_saving_vectors_into_a_folder_or_loading_a_foreign_file_says_so(tmp_path):
+    bank = tvlab.beyond.VectorBank({"a": torch.zeros(4)}, {"a": 1})
+    with pytest.raises(ValueError, match="is a folder: give the file"):
+        bank.save(tmp_path)
+    vectors = tvlab.geometry.TaskVectors(torch.zeros(2, 3, 4), __import__("pandas").DataFrame(
+        {"task": ["a", "b"], "category": "custom", "set": 0}), {})
+    with pytest.raises(ValueError, match="is a folder"):
+        vectors.save(tmp_path)
+    (tmp_path / "t.csv").write_text("hot,cold\n")
+    with pytest.raises(ValueError, match="not a safetensors file of task vectors"):
+        tvlab.geometry.TaskVectors.load(tmp_path / "t.csv")
+    with pytest.raises(ValueError, match="not a safetensors file of a tvlab vector bank"):
+        tvlab.beyond.VectorBank.load(tmp_path / "t.csv")
+    bank_file = bank.save(tmp_path / "bank.safetensors")
+    with pytest.raises(ValueError, match="holds no tvlab task vectors.*VectorBank.load"):
+        tvlab.geometry.TaskVectors.load(bank_file)
+
+
+def test_token_ids_and_vectors_of_the_wrong_kind_are_named(tiny):
+    with pytest.raises(ValueError, match="token ids must be from 0 to 11049"):
+        tvlab.engine.predict_last(tiny, [[10**7]])
+    with pytest.raises(ValueError, match="got -5"):
+        tvlab.engine.predict_last(tiny, [[-5, 3]])
+    with pytest.raises(ValueError, match=r"wrap one prompt as \[ids\]"):
+        tvlab.engine.predict_last(tiny, [1, 2, 3])
+    from tvlab import inspect_vectors
+
+    every_layer = torch.randn(tiny.n_layers, tiny.d_model)
+    with pytest.raises(ValueError, match="take one layer's row"):
+        inspect_vectors.top_tokens(tiny, every_layer)
+    assert len(inspect_vectors.top_tokens(tiny, every_layer[1].numpy(), k=3)) == 3  # a NumPy vector is fine
+    assert len(inspect_vectors.top_tokens(tiny, every_layer[1], k=10**7)) == 11050  # k beyond the vocabulary: all
+    with pytest.raises(ValueError, match="k must be a whole number >= 1"):
+        inspect_vectors.top_tokens(tiny, every_layer[1], k=-1)
+    vectors = tvlab.geometry.TaskVectors(torch.randn(4, tiny.n_layers, tiny.d_model), __import__("pandas").DataFrame(
+        {"task": ["a", "a", "b", "b"], "category": "custom", "set": [0, 1, 0, 1]}), {})
+    with pytest.raises(ValueError, match="layer 9 is out of range: these vectors have layers 0 to 3"):
+        inspect_vectors.top_tokens_by_task(tiny, vectors, 9)

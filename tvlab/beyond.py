@@ -24,7 +24,7 @@ averaged θ never saw the answer it is tested on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -32,12 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._checks import as_list, count, counts, file_to_write
 from .engine import generate_greedy, predict_last
 from .experiments import (ExperimentConfig, icl_and_task_vectors, layer_sweep, prepare_task, prompt_format,
                           zero_shot_predictions)
 from .models import LanguageModel, decode_token
 from .prompts import PromptFormat, get_format, sample_sets, tokenize
-from .tasks import Pair, Task, TaskError, get_task
+from .tasks import Pair, Task, TaskError, as_task_list, get_task
 
 #: Natural sentences that end where the answer starts ({x} is the query), for :func:`portability`.
 NATURAL_TEMPLATES: dict[str, str] = {
@@ -117,6 +118,8 @@ def accuracy_vs_sets(lm: LanguageModel, task: str | Task, layer: int, n_sets: Se
     vector is patched into all ``n_test`` zero-shot test prompts. Returns one row per
     (n_demos, n_sets, repeat): accuracy.
     """
+    n_sets, n_demos = counts(n_sets, "n_sets"), counts(n_demos, "n_demos")
+    n_test, n_repeats = count(n_test, "n_test"), count(n_repeats, "n_repeats")
     lm.check_layer(layer)
     config = ExperimentConfig(n_demos=max(n_demos), format=fmt, seed=seed)
     task, _ = prepare_task(lm, task, config)
@@ -147,6 +150,10 @@ def replace_vs_add(lm: LanguageModel, task: str | Task, layer: int, scales: Sequ
     difference that the demonstrations make at that layer (function-vector style). Also the
     zero-shot ``baseline``. Returns one row per method and scale: accuracy.
     """
+    scales = as_list(scales, "scales")
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in scales):
+        raise ValueError(f"scales must be numbers (the factors α of the added vector), got {scales!r}.")
+    n_sets, n_test = count(n_sets, "n_sets"), count(n_test, "n_test")
     lm.check_layer(layer)
     config = ExperimentConfig(format=fmt, seed=seed)
     task, _ = prepare_task(lm, task, config)
@@ -179,6 +186,9 @@ def generate(lm: LanguageModel, text: str, theta: torch.Tensor | None = None, la
     then runs on that cache without any patch, so later steps see θ only through the cache,
     as they would see demonstrations. Stops at ``stop`` (a newline by default).
     """
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text must be a non-empty string (the prompt to continue), got {text!r}.")
+    max_new_tokens = count(max_new_tokens, "max_new_tokens")
     if theta is not None:
         if layer is None:
             raise ValueError("give the layer to patch θ at (e.g. the task's best layer).")
@@ -202,6 +212,8 @@ def multi_token_answers(lm: LanguageModel, task: str | Task, layer: int, n_test:
     """
     from .prompts import answer_token_counts
 
+    n_test, n_sets = count(n_test, "n_test"), count(n_sets, "n_sets")
+    max_new_tokens = count(max_new_tokens, "max_new_tokens")
     task = task if isinstance(task, Task) else get_task(task)
     lm.check_layer(layer)
     config = ExperimentConfig(format=fmt, seed=seed)
@@ -266,6 +278,7 @@ def portability(lm: LanguageModel, task: str | Task, layer: int, source: str = "
     vector (each test query gets θ of its own set in the ``source`` format, at ``layer``) and
     ICL in the target format for reference (none for ``natural``). One row per target and method.
     """
+    targets, n_test = as_list(targets, "targets"), count(n_test, "n_test")
     config = ExperimentConfig(format=source, seed=seed)
     task, _ = prepare_task(lm, task, config)
     lm.check_layer(layer)
@@ -309,6 +322,9 @@ def composition(lm: LanguageModel, layer_a: int, layer_b: int, task_a: str = "ne
     """
     if (task_a, task_b) != ("next_letter", "to_upper"):
         raise ValueError("composition knows the composite answers of next_letter then to_upper only.")
+    n_sets, n_test = count(n_sets, "n_sets"), count(n_test, "n_test")
+    if n_test > 25:
+        raise ValueError(f"composition tests the lower-case letters a-y: n_test can be at most 25, got {n_test}.")
     lm.check_layer(layer_a)
     lm.check_layer(layer_b)
     config = ExperimentConfig(format=fmt, seed=seed)
@@ -380,7 +396,7 @@ class VectorBank:
         """One .safetensors file; layers and settings go in its metadata."""
         from safetensors.torch import save_file
 
-        path = Path(path)
+        path = file_to_write(path, "the bank")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({t: v.contiguous().float().cpu() for t, v in self.vectors.items()}, str(tmp),
@@ -395,11 +411,14 @@ class VectorBank:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no vector bank at {path}; build one with tvlab.beyond.build_bank(lm, tasks).")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if "layers" not in meta:
-                raise ValueError(f"{path} is not a tvlab vector bank (no layers in its metadata).")
-            vectors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                vectors = {k: f.get_tensor(k) for k in f.keys()} if "layers" in meta else None
+        except Exception as e:  # not a safetensors file at all
+            raise ValueError(f"{path} is not a safetensors file of a tvlab vector bank ({e}).") from None
+        if vectors is None:
+            raise ValueError(f"{path} is not a tvlab vector bank (no layers in its metadata).")
         return cls(vectors, {k: int(v) for k, v in json.loads(meta["layers"]).items()}, json.loads(meta["settings"]))
 
     def _check(self, lm: LanguageModel, task: str) -> None:
@@ -412,7 +431,9 @@ class VectorBank:
 
     def prompt(self, lm: LanguageModel, query: str, fmt: str | None = None) -> str:
         """The zero-shot prompt for ``query`` in the bank's format (or ``fmt``)."""
-        return get_format(fmt or self.settings.get("format", "paper")).with_prefix(lm.prompt_prefix).render([], query)
+        stored = self.settings.get("format", "paper")  # a format's name, or a PromptFormat of one's own as a dict
+        stored = PromptFormat(**stored) if isinstance(stored, dict) else stored
+        return get_format(fmt or stored).with_prefix(lm.prompt_prefix).render([], query)
 
     def apply(self, lm: LanguageModel, task: str, query: str, max_new_tokens: int = 1, fmt: str | None = None) -> str:
         """The zero-shot prompt for ``query`` with the bank's θ of ``task`` patched in: the answer."""
@@ -422,6 +443,7 @@ class VectorBank:
 
 def build_bank(lm: LanguageModel, tasks: Sequence[str], n_sets: int = 16, config: ExperimentConfig | None = None) -> VectorBank:
     """θ of each task averaged over ``n_sets`` sets, at its best layer on ``config.n_dev`` dev sets."""
+    tasks, n_sets = as_task_list(tasks, distinct=True), count(n_sets, "n_sets")
     config = config or ExperimentConfig(n_dev=16)
     fmt_ = prompt_format(lm, config)
     vectors, layers = {}, {}
@@ -432,5 +454,6 @@ def build_bank(lm: LanguageModel, tasks: Sequence[str], n_sets: int = 16, config
         _, thetas = icl_and_task_vectors(lm, sets, fmt_, with_icl=False)
         vectors[task.name] = thetas[:, layers[task.name]].mean(0)
     settings = {"model": lm.name, "n_sets": n_sets, "n_dev": config.n_dev, "n_demos": config.n_demos,
-                "seed": config.seed, "format": config.format, "dtype": str(lm.dtype).removeprefix("torch.")}
+                "seed": config.seed, "format": config.format if isinstance(config.format, str) else asdict(config.format),
+                "dtype": str(lm.dtype).removeprefix("torch.")}
     return VectorBank(vectors, layers, settings)

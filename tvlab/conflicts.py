@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ._checks import count
 from .engine import predict_last
 from .experiments import ExperimentConfig, icl_and_task_vectors, layer_sweep, prepare_task, prompt_format
 from .models import LanguageModel, decode_token
@@ -40,6 +41,7 @@ def conflicting_tasks(lm: LanguageModel, task_a: str, task_b: str, n_sets: int =
     Returns one row per method (icl, task_vector): task_a, task_b, method, layer, as_a, as_b, n.
     ``layer``: patch there instead of B's best layer (chosen on ``n_dev`` dev sets of B).
     """
+    n_sets = count(n_sets, "n_sets")
     config = ExperimentConfig(n_demos=n_demos, seed=seed, format=fmt, n_dev=n_dev)
     a, _ = prepare_task(lm, task_a, config)
     b, _ = prepare_task(lm, task_b, config)
@@ -84,6 +86,7 @@ def _set_without(task: Task, query: str, n_demos: int, seed: int, split: str, n_
 
 def paper_pairs(lm: LanguageModel, n_sets: int = 50, **kwargs) -> pd.DataFrame:
     """The paper's five pairs on ``lm``, one row per pair, next to the paper's LLaMA-13B numbers."""
+    n_sets = count(n_sets, "n_sets")
     rows = []
     for r in PAPER_CONFLICTS.itertuples():
         f = conflicting_tasks(lm, r.task_a, r.task_b, n_sets=n_sets, **kwargs).set_index("method")

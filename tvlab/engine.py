@@ -480,8 +480,15 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
         raise ValueError("no prompts to run.")
     if isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
         raise ValueError("prompts are lists of token ids, not text: tokenize first, e.g. [lm.tokenizer(text).input_ids].")
+    if whole_number(prompts[0]) is not None:
+        raise ValueError("prompts is a list of prompts, each a list of token ids: wrap one prompt as [ids].")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt has no tokens.")
+    vocab = getattr(lm.model.get_input_embeddings(), "num_embeddings", None) if lm.backend is None else None
+    low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"token ids must be from 0 to {vocab - 1 if vocab else 'the vocabulary size - 1'} "
+                         f"({lm.name}'s vocabulary), got {low if low < 0 else high}: tokenize with lm.tokenizer.")
     if batch_size is not None:
         number = whole_number(batch_size)
         if number is None or number < 1:

@@ -48,7 +48,7 @@ class ExperimentConfig:
     n_baseline: int = 100
     n_dummies: int = 2
     seed: int = 41
-    format: str = "paper"
+    format: str | PromptFormat = "paper"  # a name in tvlab.FORMATS, or a tvlab.PromptFormat of your own
     batch_size: int | None = None  # prompts per forward pass, None: chosen from free memory; speed, not results
     fast_path: bool = True     # False: one prompt per forward, a full forward per layer (the reference)
 
@@ -64,8 +64,12 @@ class ExperimentConfig:
             object.__setattr__(self, name, number)  # a NumPy integer is kept as an int (as_dict goes to JSON)
         from .prompts import FORMATS
 
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown prompt format {self.format!r}; choose one of {', '.join(FORMATS)}.")
+        if not isinstance(self.format, PromptFormat) and not (isinstance(self.format, str) and self.format in FORMATS):
+            raise ValueError(f"unknown prompt format {self.format!r}; choose one of {', '.join(FORMATS)} "
+                             "or pass a tvlab.PromptFormat.")
+        if type(self.fast_path).__name__ not in ("bool", "bool_"):  # a NumPy bool is fine, "no" is not
+            raise ValueError(f"fast_path must be True or False, got {self.fast_path!r}.")
+        object.__setattr__(self, "fast_path", bool(self.fast_path))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +80,31 @@ def prompt_format(lm: LanguageModel, config: ExperimentConfig) -> PromptFormat:
     return get_format(config.format).with_prefix(lm.prompt_prefix)
 
 
+def _check_model_and_config(lm, config) -> None:
+    if not isinstance(lm, LanguageModel):
+        name = lm if isinstance(lm, str) else "gemma-3-270m"
+        raise TypeError(f"the first argument is a model, got {type(lm).__name__} {lm!r}: "
+                        f"lm = tvlab.load_model({name!r}), then pass lm.")
+    if not isinstance(config, ExperimentConfig):
+        hint = " Pass tvlab.ExperimentConfig(**your_dict)." if isinstance(config, dict) else ""
+        raise TypeError(f"config must be a tvlab.ExperimentConfig, e.g. tvlab.ExperimentConfig(n_test=10), "
+                        f"got {type(config).__name__}.{hint}")
+
+
+def _check_frame(frame, needs: Sequence[str], what: str, fix: str) -> None:
+    """``frame`` must be a DataFrame with the columns ``needs``; else say which object to pass instead."""
+    if type(frame).__name__ == "TaskRun":
+        raise TypeError(f"{what} takes a frame, not a TaskRun: pass {fix}.")
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"{what} takes a pandas DataFrame ({fix}), got {type(frame).__name__}.")
+    missing = [c for c in needs if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what}: the frame has no column(s) {', '.join(map(repr, missing))}; pass {fix}.")
+
+
 def prepare_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig) -> tuple[Task, FilterReport]:
     """Resolve a task and keep the pairs whose answer is one token for this model."""
+    _check_model_and_config(lm, config)
     task = task if isinstance(task, Task) else get_task(task)
     need = config.n_demos + 1 + config.n_dummies
     return single_token_filter(task, lm.tokenizer, prompt_format(lm, config), min_pairs=need)
@@ -419,8 +446,13 @@ def run_prepared_tasks(lm: LanguageModel, prepared: Sequence[tuple[Task, FilterR
 
 # --------------------------------------------------------------------------- tables
 
+#: The columns of a predictions frame (``TaskRun.predictions``) that the summaries read.
+_PREDICTION_COLUMNS = ("task", "category", "split", "method", "layer", "correct")
+
+
 def layer_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
     """Task-vector accuracy by layer on dev sets: columns task, category, layer, accuracy."""
+    _check_frame(predictions, _PREDICTION_COLUMNS, "layer_accuracy", "run.predictions (one row per prediction)")
     dev = predictions[(predictions["split"] == "dev") & (predictions["method"] == "task_vector")]
     return (dev.groupby(["task", "category", "layer"], sort=False)["correct"].mean()
             .rename("accuracy").reset_index())
@@ -457,6 +489,7 @@ def summarize(predictions: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     ``ci=True`` adds ``baseline ±``, ``icl ±`` and ``task_vector ±``: the half-width of each
     accuracy's 95 % interval (Wilson; the larger side), so a table shows what is within noise.
     """
+    _check_frame(predictions, _PREDICTION_COLUMNS, "summarize", "run.predictions, or pd.concat of several runs' predictions")
     test = predictions[predictions["split"] == "test"]
     acc = test.pivot_table(index=["task", "category"], columns="method", values="correct", aggfunc="mean", sort=False)
     best = test[test["method"] == "task_vector"].groupby(["task", "category"], sort=False)["layer"].first()
@@ -480,6 +513,7 @@ def category_means(summary: pd.DataFrame) -> pd.DataFrame:
     tasks' independent sampling errors combined, sqrt(sum of squares) / number of tasks.
     """
     cols = ["baseline", "icl", "task_vector"]
+    _check_frame(summary, ["category", *cols], "category_means", "run.summary, or tvlab.summarize(predictions)")
     by_cat = summary.groupby("category", sort=False)[cols].mean()
     by_cat.loc["all tasks"] = summary[cols].mean()
     by_cat["tv_over_icl"] = by_cat["task_vector"] / by_cat["icl"].where(by_cat["icl"] > 0)

@@ -21,12 +21,17 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from ._checks import whole_number
+from ._checks import as_list, count, counts, whole_number
 from .engine import next_token_logits, predict_last
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format, zero_shot_predictions
 from .models import LanguageModel, decode_token
 from .prompts import FORMATS, Pair, PromptSet, get_format, sample_sets, single_token_filter, tokenize
 from .tasks import Task, as_task_list, get_task
+
+
+def _check_text(value, name: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
 
 
 def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2) -> pd.DataFrame:
@@ -36,11 +41,13 @@ def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2)
     softmax differ between CPUs, BLAS libraries and thread counts, and a notebook's stored
     output must not.
     """
-    count = whole_number(k)
-    if count is None or count < 1:
+    k = whole_number(k)
+    if k is None or k < 1:
         raise ValueError(f"k must be a whole number >= 1 (how many tokens to list), got {k!r}.")
+    digits = count(digits, "digits", minimum=0)
+    _check_text(text, "text")
     probs = next_token_logits(lm, [lm.tokenizer(text).input_ids])[0].softmax(-1)
-    top = probs.topk(min(count, len(probs)))  # k beyond the vocabulary: every token, once
+    top = probs.topk(min(k, len(probs)))  # k beyond the vocabulary: every token, once
     return pd.DataFrame({"rank": range(1, len(top.values) + 1),
                          "token": [repr(decode_token(lm, i))[1:-1] for i in top.indices.tolist()],
                          "probability": top.values.numpy().round(digits)})
@@ -49,10 +56,10 @@ def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2)
 def icl_prompt(lm: LanguageModel, task: str | Task, n_demos: int, query: str, seed: int = 0,
                fmt: str = "paper") -> str:
     """A few-shot prompt for ``query`` with ``n_demos`` demonstrations of ``task`` (never the query itself)."""
+    n_demos = count(n_demos, "n_demos", minimum=0)
+    _check_text(query, "query")
     task = task if isinstance(task, Task) else get_task(task)
     pool = task.with_pairs((p for p in task.pairs if p.input != query), note="without the query")
-    if n_demos < 0:
-        raise ValueError(f"n_demos must be >= 0, got {n_demos}.")
     # Nested demonstrations: the prompt with n demonstrations starts like the one with n + 1.
     demos = sample_sets(pool, 1, max(n_demos, min(10, len(pool) - 1)), seed, "explore")[0].demos[:n_demos]
     return get_format(fmt).with_prefix(lm.prompt_prefix).render(demos, query)
@@ -64,7 +71,7 @@ def icl_vs_demos(lm: LanguageModel, tasks: Sequence[str | Task], n_demos: Sequen
 
     0 demonstrations is the zero-shot baseline. For each count, ``n_sets`` independent sets.
     """
-    rows, n_demos = [], [n_demos] if whole_number(n_demos) is not None else list(n_demos)
+    rows, n_demos, n_sets = [], counts(n_demos, "n_demos", minimum=0), count(n_sets, "n_sets")
     for name in as_task_list(tasks):
         config = ExperimentConfig(n_demos=max(n_demos), format=fmt, seed=seed)
         task, _ = prepare_task(lm, name, config)
@@ -81,13 +88,18 @@ def icl_vs_demos(lm: LanguageModel, tasks: Sequence[str | Task], n_demos: Sequen
 
 def format_comparison(lm: LanguageModel, tasks: Sequence[str], formats: Sequence[str] = tuple(FORMATS),
                       n_sets: int = 20, n_demos: int = 5, seed: int = 41) -> pd.DataFrame:
-    """ICL accuracy of the same tasks in different prompt formats: task, format, accuracy, pairs kept."""
+    """ICL accuracy of the same tasks in different prompt formats: task, format, accuracy, pairs kept.
+
+    ``tasks``: names, task files or :class:`Task` objects."""
+    tasks = [t if isinstance(t, Task) else get_task(t) for t in as_task_list(tasks)]
+    by_name = {t.name: t for t in tasks}
+    formats, n_sets, n_demos = as_list(formats, "formats"), count(n_sets, "n_sets"), count(n_demos, "n_demos")
     rows = []
     for fmt in formats:
         frame = icl_vs_demos(lm, tasks, [n_demos], n_sets=n_sets, seed=seed, fmt=fmt)
         for r in frame.itertuples():
             config = ExperimentConfig(format=fmt)
-            _, report = single_token_filter(get_task(r.task), lm.tokenizer, prompt_format(lm, config))
+            _, report = single_token_filter(by_name[r.task], lm.tokenizer, prompt_format(lm, config))
             rows.append({"task": r.task, "format": fmt, "example": get_format(fmt).demo("x", "y").replace("\n", "⏎"),
                          "accuracy": r.accuracy, "one_token_pairs": f"{report.kept}/{report.total}"})
     return pd.DataFrame(rows)
@@ -125,6 +137,8 @@ def _pair(r: ThreePredictions, task: Task) -> Pair:
 def three_predictions(lm: LanguageModel, task: str | Task, query: str, layer: int, n_demos: int = 5,
                       seed: int = 0, fmt: str = "paper") -> ThreePredictions:
     """Run one query three ways: ICL, task vector patched at ``layer``, zero-shot baseline."""
+    _check_text(query, "query")
+    n_demos = count(n_demos, "n_demos")
     lm.check_layer(layer)
     task = original = task if isinstance(task, Task) else get_task(task)
     config = ExperimentConfig(n_demos=n_demos, format=fmt, seed=seed)
@@ -158,6 +172,7 @@ def query_swap(lm: LanguageModel, task: str | Task, theta_layer: int, n_queries:
     prompt length). Returns one row per layer l: follows_x, follows_x_swapped (shares of the
     predictions scored as x's and as x''s answer), n.
     """
+    n_queries = count(n_queries, "n_queries")
     lm.check_layer(theta_layer)
     config = ExperimentConfig(format=fmt, seed=seed)
     task, _ = prepare_task(lm, task, config)

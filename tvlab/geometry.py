@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._checks import whole_number
+from ._checks import count, counts, file_to_write, whole_number
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format
 from .models import LanguageModel
 from .prompts import sample_sets
@@ -90,7 +90,7 @@ class TaskVectors:
         """Write to a .safetensors file; labels and settings go in its metadata."""
         from safetensors.torch import save_file
 
-        path = Path(path)
+        path = file_to_write(path, "the task vectors")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"vectors": self.vectors.contiguous()}, str(tmp),
@@ -104,18 +104,25 @@ class TaskVectors:
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"no task vectors at {str(path)!r}: give the path that TaskVectors.save returned.")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            vectors = f.get_tensor("vectors")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                vectors = f.get_tensor("vectors") if "labels" in meta else None
+        except Exception as e:  # not a safetensors file at all
+            raise ValueError(f"{str(path)!r} is not a safetensors file of task vectors ({e}).") from None
+        if vectors is None:
+            raise ValueError(f"{str(path)!r} holds no tvlab task vectors (a vector bank loads with "
+                             "tvlab.beyond.VectorBank.load).")
         return cls(vectors, pd.DataFrame(json.loads(meta["labels"])), json.loads(meta["settings"]))
 
 
 def collect_task_vectors(lm: LanguageModel, tasks: Sequence[str], n_per_task: int = 50, n_demos: int = 4,
                          seed: int = 41, fmt: str = "paper", batch_size: int | None = None) -> TaskVectors:
     """``n_per_task`` task vectors per task, each from its own independently sampled S."""
+    tasks, n_per_task = as_task_list(tasks, distinct=True), count(n_per_task, "n_per_task")
     config = ExperimentConfig(n_demos=n_demos, seed=seed, format=fmt, batch_size=batch_size)
     vectors, labels = [], []
-    for name in as_task_list(tasks):
+    for name in tasks:
         task, _ = prepare_task(lm, name, config)
         sets = sample_sets(task, n_per_task, n_demos, seed, "geometry", config.n_dummies)
         _, thetas = icl_and_task_vectors(lm, sets, prompt_format(lm, config), with_icl=False, batch_size=batch_size)
@@ -132,6 +139,9 @@ def embed_2d(bank: TaskVectors, layer: int, method: str = "tsne", seed: int = 0)
     from sklearn.manifold import TSNE
 
     x = bank.at(layer)
+    if method == "tsne" and len(x) <= 5:
+        raise ValueError(f"t-SNE needs more than 5 vectors, this bank has {len(x)}: collect more (n_per_task) "
+                         "or use method='pca'.")
     if method == "pca":
         xy = PCA(n_components=2, random_state=seed).fit_transform(x - x.mean(0))
     elif method == "tsne":
@@ -204,7 +214,7 @@ def separability(bank: TaskVectors, layer: int, seed: int = 0) -> dict:
 
 def by_layer(bank: TaskVectors, layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Within/between distances and separability at every layer: one row per layer."""
-    layers = range(bank.n_layers) if layers is None else layers
+    layers = range(bank.n_layers) if layers is None else counts(layers, "layers", minimum=-bank.n_layers)
     rows = []
     for layer in layers:
         rows.append({**distance_summary(bank, layer), **separability(bank, layer)})

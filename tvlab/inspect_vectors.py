@@ -24,6 +24,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from ._checks import count
 from .engine import next_token_logits
 from .models import LanguageModel, decode_token
 
@@ -31,8 +32,16 @@ from .models import LanguageModel, decode_token
 @torch.inference_mode()
 def vocab_logits(lm: LanguageModel, vector: torch.Tensor) -> torch.Tensor:
     """Logits over the vocabulary of one hidden state ``[d_model]``: unembed(final_norm(vector))."""
-    if vector.shape[-1] != lm.d_model:
-        raise ValueError(f"the vector has size {vector.shape[-1]} but {lm.name}'s hidden size is {lm.d_model}.")
+    if not isinstance(vector, torch.Tensor):
+        try:
+            vector = torch.as_tensor(vector, dtype=torch.float32)  # a NumPy array or a list of numbers
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"vector must be one hidden state [{lm.d_model}] (a tensor), got {type(vector).__name__}; "
+                            "a bank's mean vector of a task at a layer is bank.mean(task, layer).") from None
+    if vector.dim() != 1 or vector.shape[0] != lm.d_model:
+        raise ValueError(f"vector must be one hidden state of {lm.d_model} numbers ({lm.name}'s hidden size), got "
+                         f"shape {list(vector.shape)}: take one layer's row, e.g. bank.vectors[i, layer] or "
+                         "bank.mean(task, layer).")
     if lm.backend is not None:
         # The weights may be elsewhere (NDIF): write the vector over the last block's output of a one-token
         # prompt; the model's own final norm and unembedding then give these logits (after its final
@@ -43,8 +52,11 @@ def vocab_logits(lm: LanguageModel, vector: torch.Tensor) -> torch.Tensor:
 
 
 def top_tokens(lm: LanguageModel, vector: torch.Tensor, k: int = 10) -> pd.DataFrame:
-    """The ``k`` tokens with the highest logit for ``vector``: rank, token, logit."""
-    top = vocab_logits(lm, vector).topk(k)
+    """The ``k`` tokens with the highest logit for ``vector``: rank, token, logit (``k`` beyond the vocabulary: all)."""
+    k = count(k, "k")
+    logits = vocab_logits(lm, vector)
+    k = min(k, logits.shape[0])
+    top = logits.topk(k)
     return pd.DataFrame({"rank": range(1, k + 1), "token": [decode_token(lm, i).strip() or repr(decode_token(lm, i))
                                                              for i in top.indices.tolist()],
                          "logit": top.values.numpy().round(2)})
@@ -55,6 +67,7 @@ def top_tokens_by_task(lm: LanguageModel, bank, layer: int, k: int = 8, center: 
 
     ``center``: subtract the mean over all the bank's vectors at that layer first (see above).
     """
+    layer = bank.layer_index(layer)  # an out-of-range or non-integer layer is named here, before any decoding
     offset = bank.vectors[:, layer].mean(0) if center else 0.0
     rows = []
     for task in bank.tasks:

@@ -249,7 +249,7 @@ def report(results: MainResults) -> str:
     """
     paper_tasks = _paper_tasks(results.summary)
     compared = set(paper_tasks["category"]) | ({"all tasks"} if len(paper_tasks) == len(results.summary) else set())
-    lines = [f"Model: {results.model}   prompts: {results.config.format} format, {results.config.n_demos} demonstrations, "
+    lines = [f"Model: {results.model}   prompts: {getattr(results.config.format, 'name', results.config.format)} format, {results.config.n_demos} demonstrations, "
              f"{results.config.n_test} test / {results.config.n_dev} dev / {results.config.n_baseline} baseline sets, "
              f"seed {results.config.seed}", ""]
     head = (f"{'task':28s} {'category':12s} {'base':>9s} {'ICL':>9s} {'TV':>9s} {'TV/ICL':>6s} {'layer':>5s} "

@@ -445,9 +445,21 @@ def _builtin_task(name: str) -> Task:
     return _load_data_file(data_dir() / f"{name}.json")
 
 
-def as_task_list(tasks) -> list:
-    """``tasks`` as a list: one name, path or :class:`Task` becomes a list of it (not of a name's letters)."""
-    return [tasks] if isinstance(tasks, (str, Path, Task)) else list(tasks)
+def as_task_list(tasks, distinct: bool = False) -> list:
+    """``tasks`` as a list: one name, path or :class:`Task` becomes a list of it (not of a name's letters).
+
+    An empty list is a :class:`TaskError` (nothing would run); with ``distinct``, so is a task named twice
+    (its vectors or results would be counted twice).
+    """
+    out = [tasks] if isinstance(tasks, (str, Path, Task)) else list(tasks)
+    if not out:
+        raise TaskError("no tasks given: name at least one, e.g. ['antonyms'] (tvlab.list_tasks() lists them).")
+    if distinct:
+        names = [t.name if isinstance(t, Task) else Path(t).stem if is_task_file(t) else str(t) for t in out]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise TaskError(f"task(s) {', '.join(map(repr, twice))} named more than once: list each task once.")
+    return out
 
 
 def get_task(name_or_path: str | Path) -> Task:

@@ -50,8 +50,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import explore, plots
+from ._checks import whole_number
 from .models import LanguageModel
-from .tasks import get_task, list_tasks
+from .tasks import TaskError, get_task, list_tasks
 
 
 class StaticOutput:
@@ -203,6 +204,34 @@ def _show_figure(out: W.Output, fig) -> None:
     plt.close(fig)
 
 
+def _slider(value, low: int, high: int, description: str, name: str) -> W.IntSlider:
+    """An integer slider from ``low`` to ``high`` starting at ``value``; a value outside that range is an error
+    (ipywidgets would move it to the nearest end without a word)."""
+    number = whole_number(value)
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}.")
+    return W.IntSlider(value=number, min=low, max=high, description=description, continuous_update=False)
+
+
+def _layer(value, n_layers: int, default: int) -> int:
+    """``value``, or when None the usual ``default`` (Gemma 3 270M's) or the model's last layer if it has fewer."""
+    return min(default, n_layers - 1) if value is None else value
+
+
+def _choice(options: list, value, description: str, name: str) -> W.Dropdown:
+    if value not in options:
+        raise ValueError(f"{name} {value!r} is not one of the choices: {', '.join(map(str, options))}.")
+    return W.Dropdown(options=options, value=value, description=description)
+
+
+def _first_input(task: str) -> str:
+    """One input of ``task`` to start a query box with ("" for a task tvlab cannot look up by name)."""
+    try:
+        return get_task(task).pairs[0].input
+    except TaskError:
+        return ""
+
+
 def _task_dropdown(tasks: list[str] | None, value: str) -> W.Dropdown:
     options = list(tasks or list_tasks())
     if value not in options:
@@ -216,7 +245,7 @@ def icl_explorer(lm: LanguageModel, task: str = "antonyms", n_demos: int = 5, qu
     """Pick a task, a number of demonstrations and a query: see the prompt and the top next tokens."""
     controls = {
         "task": _task_dropdown(tasks, task),
-        "n_demos": W.IntSlider(value=n_demos, min=0, max=10, description="demos", continuous_update=False),
+        "n_demos": _slider(n_demos, 0, 10, "demos", "n_demos"),
         "query": W.Text(value=query or get_task(task).pairs[0].input, description="query", continuous_update=False),
     }
 
@@ -240,12 +269,14 @@ def _new_task_new_query(explorer: Explorer) -> None:
     explorer.follow("task", lambda task: {"query": get_task(task).pairs[0].input})
 
 
-def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int = 10, query: str | None = None,
+def patching_explorer(lm: LanguageModel, task: str = "antonyms", layer: int | None = None, query: str | None = None,
                       tasks: list[str] | None = None) -> Explorer:
-    """Pick a task, a layer and a query: ICL, task-vector and baseline predictions side by side."""
+    """Pick a task, a layer and a query: ICL, task-vector and baseline predictions side by side.
+
+    ``layer``: where the slider starts (None: 10, or the model's last layer if it has fewer)."""
     controls = {
         "task": _task_dropdown(tasks, task),
-        "layer": W.IntSlider(value=layer, min=0, max=lm.n_layers - 1, description="layer", continuous_update=False),
+        "layer": _slider(_layer(layer, lm.n_layers, 10), 0, lm.n_layers - 1, "layer", "layer"),
         "query": W.Text(value=query or get_task(task).pairs[0].input, description="query", continuous_update=False),
     }
 
@@ -289,7 +320,7 @@ def next_token_explorer(lm: LanguageModel, text: str = "example:hot->cold\nexamp
     """Type any prompt: see the model's top next tokens and their probabilities."""
     controls = {"text": W.Textarea(value=text, description="prompt", rows=4, continuous_update=False,
                                    layout=W.Layout(width="420px")),
-                "k": W.IntSlider(value=k, min=1, max=20, description="top k", continuous_update=False)}
+                "k": _slider(k, 1, 20, "top k", "k")}
 
     def compute(text, k):
         if not text.strip():
@@ -304,12 +335,15 @@ def next_token_explorer(lm: LanguageModel, text: str = "example:hot->cold\nexamp
     return Explorer(controls, compute, draw, "What comes next?")
 
 
-def geometry_explorer(bank, layer: int = 10, method: str = "pca") -> Explorer:
-    """A layer slider over a bank of task vectors: distances, separability and a 2-D picture at that layer."""
+def geometry_explorer(bank, layer: int | None = None, method: str = "pca") -> Explorer:
+    """A layer slider over a bank of task vectors: distances, separability and a 2-D picture at that layer.
+
+    ``layer``: where the slider starts (None: 10, or the bank's last layer if it has fewer)."""
     from . import geometry
 
-    controls = {"layer": W.IntSlider(value=layer, min=0, max=bank.n_layers - 1, description="layer",
-                                     continuous_update=False)}
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}.")
+    controls = {"layer": _slider(_layer(layer, bank.n_layers, 10), 0, bank.n_layers - 1, "layer", "layer")}
 
     def compute(layer):
         return {"layer": layer, "emb": geometry.embed_2d(bank, layer, method),
@@ -329,9 +363,9 @@ def conflict_explorer(lm: LanguageModel, task_a: str = "antonyms", task_b: str =
     """Pick A (the prompt's demonstrations) and B (the patched vector): who wins?"""
     from .conflicts import conflicting_tasks
 
-    options = tasks or list_tasks(include_extra=False)
-    controls = {"task_a": W.Dropdown(options=options, value=task_a, description="A (prompt)"),
-                "task_b": W.Dropdown(options=options, value=task_b, description="B (vector)")}
+    options = list(tasks or list_tasks(include_extra=False))
+    controls = {"task_a": _choice(options, task_a, "A (prompt)", "task_a"),
+                "task_b": _choice(options, task_b, "B (vector)", "task_b")}
 
     def compute(task_a, task_b):
         return conflicting_tasks(lm, task_a, task_b, n_sets=n_sets, n_dev=n_dev)
@@ -345,14 +379,15 @@ def conflict_explorer(lm: LanguageModel, task_a: str = "antonyms", task_b: str =
     return Explorer(controls, compute, draw, "Who wins: the prompt (A) or the task vector (B)?")
 
 
-def top_tokens_explorer(lm: LanguageModel, bank, task: str | None = None, layer: int = 11, k: int = 10,
+def top_tokens_explorer(lm: LanguageModel, bank, task: str | None = None, layer: int | None = None, k: int = 10,
                         center: bool = True) -> Explorer:
-    """Pick a task and a layer: the logit-lens top tokens of that task's mean vector (centered by default)."""
+    """Pick a task and a layer: the logit-lens top tokens of that task's mean vector (centered by default).
+
+    ``layer``: where the slider starts (None: 11, or the bank's last layer if it has fewer)."""
     from .inspect_vectors import top_tokens
 
-    controls = {"task": W.Dropdown(options=bank.tasks, value=task or bank.tasks[0], description="task"),
-                "layer": W.IntSlider(value=layer, min=0, max=bank.n_layers - 1, description="layer",
-                                     continuous_update=False)}
+    controls = {"task": _choice(bank.tasks, task or bank.tasks[0], "task", "task"),
+                "layer": _slider(_layer(layer, bank.n_layers, 11), 0, bank.n_layers - 1, "layer", "layer")}
 
     def compute(task, layer):
         offset = bank.vectors[:, layer].mean(0) if center else 0.0
@@ -370,6 +405,8 @@ def model_explorer(models: dict[str, LanguageModel], tasks: list[str] | None = N
     """Pick a model and a task: its baseline, ICL and task-vector accuracy, and its curve by layer."""
     from .experiments import ExperimentConfig, run_task
 
+    if not isinstance(models, dict) or not models or not all(isinstance(m, LanguageModel) for m in models.values()):
+        raise ValueError("models must be a non-empty dict of name -> model, e.g. {'gemma': lm, 'smollm2': smol}.")
     config = config or ExperimentConfig(n_test=8, n_dev=8, n_baseline=8)
     controls = {"model": W.Dropdown(options=list(models), description="model"),
                 "task": _task_dropdown(tasks, task)}
@@ -393,11 +430,12 @@ def bank_explorer(lm: LanguageModel, bank, task: str | None = None, query: str =
     """Pick a vector from a :class:`tvlab.beyond.VectorBank` and type any query: the answer with and without it."""
     from .beyond import generate
 
+    if not hasattr(bank, "apply"):
+        raise ValueError(f"bank must be a tvlab.beyond.VectorBank (tvlab.beyond.build_bank), got {type(bank).__name__}.")
     task = task or bank.tasks[0]
-    controls = {"task": W.Dropdown(options=bank.tasks, value=task, description="vector"),
-                "query": W.Text(value=query or get_task(task).pairs[0].input, description="query",
-                                continuous_update=False),
-                "tokens": W.IntSlider(value=max_new_tokens, min=1, max=12, description="tokens", continuous_update=False)}
+    controls = {"task": _choice(bank.tasks, task, "vector", "task"),
+                "query": W.Text(value=query or _first_input(task), description="query", continuous_update=False),
+                "tokens": _slider(max_new_tokens, 1, 12, "tokens", "max_new_tokens")}
 
     def compute(task, query, tokens):
         if not query.strip():
