@@ -105,6 +105,15 @@ def _cases(tmp: Path):
             "tasks": [{"task": name} for name in ("antonyms", "fr_en", "en_es", "en_fr", "next_letter", "prev_letter", "to_upper")]}))
         return str(folder)
 
+    def earlier_run_of(task: str) -> str:
+        folder = tmp / "earlier-run-of-one"
+        folder.mkdir(exist_ok=True)
+        config = tvlab.ExperimentConfig()
+        (folder / "results.json").write_text(json.dumps({
+            "model": "tiny-llama", "config": config.as_dict(), "tasks": [{"task": task}],
+            "task_fingerprints": {task: tvlab.reproduce.task_fingerprint(tvlab.get_task(task))}}))
+        return str(folder)
+
     def cpu_only_torch(*argv):
         with mock.patch("torch.cuda.is_available", lambda: False), mock.patch("torch.backends.cuda.is_built", lambda: False), \
                 mock.patch("torch.__version__", "2.8.0+cpu"):  # the same page on every machine
@@ -193,6 +202,16 @@ def _cases(tmp: Path):
         ("Settings", "more demonstrations than the context allows", lambda: tvlab.run_task(
             lm, "antonyms", tvlab.ExperimentConfig(n_demos=120, n_test=1, n_dev=1, n_baseline=1))),
         ("Settings", "a position that is not in the prompt", far_position),
+        ("Settings", "a position that is not a whole number", lambda: tvlab.read_hidden(lm, position=1.5).__enter__()),
+        ("Settings", "patch rows that are not row numbers", lambda: tvlab.patch_hidden(
+            lm, 1, -1, torch.zeros(lm.d_model), rows=[0.5]).__enter__()),
+        ("Settings", "a token id that is not a whole number (it would be truncated to another word)",
+         lambda: tvlab.engine.predict_last(lm, [[3, 4.5, 5]])),
+        ("Settings", "inputs that contain the prompt format's own arrow (a warning)", lambda: as_error(
+            lambda: tvlab.prepare_task(lm, tvlab.Task("arrows", "custom", [(f"w{i}->x", "y") for i in range(12)]), small))),
+        ("Settings", "a layer where every task vector is the same, laid out by t-SNE", lambda: tvlab.geometry.embed_2d(
+            tvlab.geometry.TaskVectors(torch.ones(8, 4, 8), pd.DataFrame({"task": ["a", "b"] * 4, "category": "custom",
+                                                                          "set": range(8)}), {}), 0)),
         ("Settings", "an unknown prompt format", lambda: tvlab.ExperimentConfig(format="chat")),
         ("Settings", "fast_path that is not True or False", lambda: tvlab.ExperimentConfig(fast_path="no")),
         ("Settings", "a zero or negative count in an analysis (a negative one would slice from the end)",
@@ -226,6 +245,8 @@ def _cases(tmp: Path):
         ("Command line", "`--remote` without `--backend nnsight`", lambda: _command_line("--remote")),
         ("Command line", "`--out` holding another run's results (fewer tasks; checked before loading the model)",
          lambda: _command_line("--tasks", "antonyms", "--out", earlier_run())),
+        ("Command line", "a task file named like a task whose results `--out` holds (other pairs)",
+         lambda: _command_line("--tasks", task_file("antonyms.json", json.dumps(phrases)), "--out", earlier_run_of("antonyms"))),
         ("Command line", "`tvlab course grade --out` naming a folder (refused before grading)", grade_into_folder),
         ("Command line", "bad task names and a task listed twice (all reported before loading)", lambda: _command_line(
             "--tasks", "antonym,antonyms", "antonyms", str(tmp / "missing.json"), "--out", str(tmp))),

@@ -573,3 +573,88 @@ def test_token_ids_and_vectors_of_the_wrong_kind_are_named(tiny):
         {"task": ["a", "a", "b", "b"], "category": "custom", "set": [0, 1, 0, 1]}), {})
     with pytest.raises(ValueError, match="layer 9 is out of range: these vectors have layers 0 to 3"):
         inspect_vectors.top_tokens_by_task(tiny, vectors, 9)
+
+
+def test_hooks_check_positions_layers_and_rows_before_the_forward_pass(tiny):
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    with pytest.raises(ValueError, match="position must be a whole number"):
+        with tvlab.read_hidden(tiny, position=1.5):
+            raise AssertionError("entered")
+    with pytest.raises(ValueError, match="layers is empty"):
+        with tvlab.read_hidden(tiny, layers=[]):
+            raise AssertionError("entered")
+    with pytest.raises(ValueError, match="rows must be batch row numbers"):
+        with tvlab.patch_hidden(tiny, 1, -1, torch.zeros(tiny.d_model), rows=[0.5]):
+            raise AssertionError("entered")
+    with pytest.raises(IndexError, match=r"patch rows \[5\] are not all in this batch of 2"):
+        with tvlab.patch_hidden(tiny, 1, -1, torch.zeros(tiny.d_model), rows=[5]):
+            tiny.model(ids)
+    with tvlab.read_hidden(tiny, layers=[2]) as plain:
+        tiny.model(ids)
+    for rows in (1, [1], torch.tensor([1])):  # one row alone, a list or a tensor of rows: the same patch
+        with tvlab.patch_hidden(tiny, 1, -1, torch.zeros(tiny.d_model), rows=rows), tvlab.read_hidden(tiny, layers=[1, 2]) as rec:
+            tiny.model(ids)
+        assert rec.hidden[1, 0].abs().sum() == 0 and torch.equal(rec.hidden[0, 1], plain.hidden[0, 0])
+
+
+def test_a_float_token_id_is_refused_not_truncated_to_another_word(tiny):
+    with pytest.raises(ValueError, match="token ids must be whole numbers, got 4.5"):
+        tvlab.engine.predict_last(tiny, [[3, 4.5, 5]])
+    with pytest.raises(ValueError, match="token ids must be whole numbers"):
+        tvlab.engine.predict_last_plain(tiny, [[3.0, 4.0]])
+    with pytest.raises(ValueError, match="a tensor of torch.float32"):
+        tvlab.engine.predict_last(tiny, [torch.tensor([3.0, 4.0])])
+    same = tvlab.engine.predict_last(tiny, [np.array([3, 4, 5]), torch.tensor([3, 4, 5]), [3, 4, 5]]).top_ids
+    assert len(set(same.tolist())) == 1  # NumPy and tensor ids are ids
+
+
+def test_a_template_mark_inside_an_input_stays_as_written_and_is_warned_of(tiny):
+    from tvlab.prompts import FORMATS
+
+    assert FORMATS["paper"].demo("a{y}b", "c") == "example:a{y}b->c"
+    assert FORMATS["paper"].query("a{x}") == "example:a{x}->"
+    task = tvlab.Task("arrows", "custom", [(f"w{i}->x", "y") for i in range(12)])
+    with pytest.warns(UserWarning, match=r"12 input\(s\) or answer\(s\) contain '->', which the prompt format 'example:\{x\}->\{y\}'.*format='qa'"):
+        tvlab.prepare_task(tiny, task, SMALL)
+    with pytest.warns(UserWarning, match="format='paper'"):
+        tvlab.prepare_task(tiny, tvlab.Task("answers", "custom", [(f"A: w{i}", "y") for i in range(12)]),
+                           dataclasses.replace(SMALL, format="qa"))
+
+
+def test_a_json_file_in_tvlabs_own_format_keeps_its_category_and_scoring(tmp_path):
+    spec = json.loads((tvlab.tasks.data_dir() / "country_capital.json").read_text())
+    (tmp_path / "capitals.json").write_text(json.dumps(spec))
+    task = tvlab.load_task(tmp_path / "capitals.json")
+    builtin = tvlab.get_task("country_capital")
+    assert (task.name, task.category, task.scoring) == ("capitals", "knowledge", "prefix")
+    assert task.pairs == builtin.pairs and task.description == builtin.description
+    assert tvlab.load_task(tmp_path / "capitals.json", scoring="exact").scoring == "exact"  # asked for: kept
+    (tmp_path / "odd.json").write_text(json.dumps({**spec, "category": "geography"}))
+    assert tvlab.load_task(tmp_path / "odd.json").category == "custom"  # a category tvlab does not know
+
+
+def test_a_task_file_named_like_an_earlier_task_does_not_replace_its_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(ARGS + ["--tasks", "antonyms", "--out", str(out)]) == 0
+    own = tmp_path / "mine" / "antonyms.json"
+    own.parent.mkdir()
+    _write(own, [{"input": f"w{i}", "output": "x"} for i in range(20)])
+    before = (out / "main_results.csv").read_text()
+    capsys.readouterr()
+    assert main(ARGS + ["--tasks", str(own), "--out", str(out)]) == 2
+    assert "other pairs or scoring under the name antonyms" in capsys.readouterr().err
+    assert (out / "main_results.csv").read_text() == before
+    assert reproduce.replaces_other_run(out, [tvlab.get_task("antonyms")], SMALL) is None  # the same task again
+
+
+def test_a_layer_where_every_task_vector_is_the_same_is_refused_before_t_sne(tmp_path):
+    import pandas as pd
+
+    vectors = torch.ones(10, 2, 8)  # layer 0: all equal (scikit-learn's t-SNE of these crashed the kernel)
+    vectors[:, 1] = torch.randn(10, 8)
+    bank = tvlab.geometry.TaskVectors(vectors, pd.DataFrame({"task": ["a"] * 5 + ["b"] * 5, "category": "custom",
+                                                             "set": range(10)}), {})
+    for method in ("tsne", "pca"):
+        with pytest.raises(ValueError, match="every vector at layer 0 is the same"):
+            tvlab.geometry.embed_2d(bank, 0, method)
+    assert np.isfinite(tvlab.geometry.embed_2d(bank, 1, "pca")[["x", "y"]].to_numpy()).all()

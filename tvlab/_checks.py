@@ -37,6 +37,13 @@ def counts(values, name: str, minimum: int = 1) -> list[int]:
     return [count(v, name, minimum) for v in values]
 
 
+def text(value, name: str, what: str = "") -> str:
+    """``value`` when it is a non-empty string, else a ValueError that names the argument (``what`` says what it is for)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string{f' ({what})' if what else ''}, got {value!r}.")
+    return value
+
+
 def as_list(values, name: str) -> list:
     """One item or a list of them as a non-empty list: ``formats="qa"`` is ``["qa"]``, not its letters."""
     values = [values] if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") else list(values)

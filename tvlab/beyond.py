@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._checks import as_list, count, counts, file_to_write
+from ._checks import as_list, count, counts, file_to_write, text as check_text
 from .engine import generate_greedy, predict_last
 from .experiments import (ExperimentConfig, icl_and_task_vectors, layer_sweep, prepare_task, prompt_format,
                           zero_shot_predictions)
@@ -186,8 +186,7 @@ def generate(lm: LanguageModel, text: str, theta: torch.Tensor | None = None, la
     then runs on that cache without any patch, so later steps see θ only through the cache,
     as they would see demonstrations. Stops at ``stop`` (a newline by default).
     """
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"text must be a non-empty string (the prompt to continue), got {text!r}.")
+    check_text(text, "text", "the prompt to continue")
     max_new_tokens = count(max_new_tokens, "max_new_tokens")
     if theta is not None:
         if layer is None:

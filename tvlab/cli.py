@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                      help="task names or paths of your own .json/.jsonl/.csv/.tsv task files, separated by spaces or commas "
                           "(default: the paper's 18 tasks)")
-    rep.add_argument("--scoring", choices=["exact", "prefix"], default="exact",
-                     help="how answers to your task files are scored: exact (default, the paper's rule) or prefix (the "
-                          "paper's rule for knowledge tasks, e.g. 'Buenos' for 'Buenos Aires'); built-in tasks keep their own rule")
+    rep.add_argument("--scoring", choices=["exact", "prefix"], default=None,
+                     help="how answers to your task files are scored: exact (default, the paper's rule; a JSON file in "
+                          "tvlab's own format keeps its category's rule) or prefix (the paper's rule for knowledge tasks, "
+                          "e.g. 'Buenos' for 'Buenos Aires'); built-in tasks keep their own rule")
     rep.add_argument("--n-test", type=_positive, default=d.n_test, help=f"test sets per task (default {d.n_test})")
     rep.add_argument("--n-dev", type=_positive, default=d.n_dev, help=f"dev sets per task, for choosing the layer (default {d.n_dev})")
     rep.add_argument("--n-baseline", type=_positive, default=d.n_baseline, help=f"zero-shot baseline queries per task (default {d.n_baseline})")
@@ -106,7 +107,7 @@ def _check_out(args, tasks, config, model: str | None = None) -> None:
     """Stop before any work if saving into ``--out`` would replace another run's results (unless --overwrite)."""
     from . import reproduce
 
-    reason = None if args.overwrite else reproduce.replaces_other_run(args.out, [t.name for t in tasks], config, model)
+    reason = None if args.overwrite else reproduce.replaces_other_run(args.out, tasks, config, model)
     if reason:
         raise ValueError(f"--out {args.out}: {reason}. Saving this run would replace its files. Pass another --out "
                          "folder, or --overwrite to replace them (earlier runs' per-task predictions stay in "

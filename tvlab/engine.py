@@ -456,6 +456,33 @@ def top_ids_sliced(lm: LanguageModel, h: torch.Tensor) -> torch.Tensor:
     return top
 
 
+def _check_prompts(lm: LanguageModel, prompts) -> int:
+    """The number of prompts, after checking they are non-empty lists of whole token ids inside the
+    vocabulary (a float id would be truncated to another word without a word of warning)."""
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("no prompts to run.")
+    if isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts are lists of token ids, not text: tokenize first, e.g. [lm.tokenizer(text).input_ids].")
+    if whole_number(prompts[0]) is not None:
+        raise ValueError("prompts is a list of prompts, each a list of token ids: wrap one prompt as [ids].")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt has no tokens.")
+    for p in prompts:
+        if isinstance(p, torch.Tensor) and (p.dtype.is_floating_point or p.dtype.is_complex):
+            raise ValueError(f"token ids must be whole numbers, got a tensor of {p.dtype}: tokenize with lm.tokenizer.")
+        if not isinstance(p, torch.Tensor) and not all(type(t) is int for t in p):  # the common case, fast
+            bad = next((t for t in p if whole_number(t) is None), None)
+            if bad is not None:
+                raise ValueError(f"token ids must be whole numbers, got {bad!r}: tokenize with lm.tokenizer.")
+    vocab = getattr(lm.model.get_input_embeddings(), "num_embeddings", None) if lm.backend is None else None
+    low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"token ids must be from 0 to {vocab - 1 if vocab else 'the vocabulary size - 1'} "
+                         f"({lm.name}'s vocabulary), got {low if low < 0 else high}: tokenize with lm.tokenizer.")
+    return n
+
+
 def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups: Sequence[int] | None = None,
                  patches: Sequence[RowPatch] | None = None, mode: str = "replace", read: bool | Sequence[bool] = False,
                  read_position: int = -1, logits: bool = False, predict: bool | Sequence[bool] = True,
@@ -475,20 +502,7 @@ def predict_last(lm: LanguageModel, prompts: Sequence[Sequence[int]], *, groups:
     (:func:`auto_batch_size`). Prompts whose reads or patches reach before their
     last token share no prefix: those positions must run in the same pass.
     """
-    n = len(prompts)
-    if n == 0:
-        raise ValueError("no prompts to run.")
-    if isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts are lists of token ids, not text: tokenize first, e.g. [lm.tokenizer(text).input_ids].")
-    if whole_number(prompts[0]) is not None:
-        raise ValueError("prompts is a list of prompts, each a list of token ids: wrap one prompt as [ids].")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("a prompt has no tokens.")
-    vocab = getattr(lm.model.get_input_embeddings(), "num_embeddings", None) if lm.backend is None else None
-    low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
-    if low < 0 or (vocab is not None and high >= vocab):
-        raise ValueError(f"token ids must be from 0 to {vocab - 1 if vocab else 'the vocabulary size - 1'} "
-                         f"({lm.name}'s vocabulary), got {low if low < 0 else high}: tokenize with lm.tokenizer.")
+    n = _check_prompts(lm, prompts)
     if batch_size is not None:
         number = whole_number(batch_size)
         if number is None or number < 1:
@@ -588,7 +602,7 @@ def predict_last_plain(lm: LanguageModel, prompts: Sequence[Sequence[int]], *,
     ``predict`` as in :func:`predict_last`: the rows not flagged report -1 (their logits are computed all the same).
     """
     stats = stats if stats is not None else ForwardStats()
-    predict = _row_flags(predict, len(prompts), "predict")
+    predict = _row_flags(predict, _check_prompts(lm, prompts), "predict")
     if lm.backend is not None:
         out = lm.backend.predict_last(lm, prompts, groups=None, patches=patches, mode=mode, read=read,
                                       read_position=read_position, logits=False, batch_size=1, stats=stats)

@@ -24,6 +24,7 @@ The protocol (Hendel et al. 2023, section 3 and the official code):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -107,7 +108,17 @@ def prepare_task(lm: LanguageModel, task: str | Task, config: ExperimentConfig) 
     _check_model_and_config(lm, config)
     task = task if isinstance(task, Task) else get_task(task)
     need = config.n_demos + 1 + config.n_dummies
-    return single_token_filter(task, lm.tokenizer, prompt_format(lm, config), min_pairs=need)
+    fmt = prompt_format(lm, config)
+    unclear = fmt.ambiguous(task.pairs)
+    if unclear:
+        shown = ", ".join(repr(t) for t in unclear[:3]) + (", ..." if len(unclear) > 3 else "")
+        other = next(name for name in ("qa", "paper") if name != fmt.name)
+        marks = " or ".join(repr(m) for m in fmt.marks())
+        warnings.warn(f"task {task.name!r}: {len(unclear)} input(s) or answer(s) contain {marks}, which the prompt "
+                      f"format {fmt.template!r} puts between input and answer ({shown}), so its prompts do not show "
+                      f"where an input ends; another format (format={other!r}, --format {other}) keeps them apart.",
+                      UserWarning, stacklevel=2)
+    return single_token_filter(task, lm.tokenizer, fmt, min_pairs=need)
 
 
 def _check_context(lm: LanguageModel, prompts: Sequence[Sequence[int]]) -> None:

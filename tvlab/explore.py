@@ -19,19 +19,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import pandas as pd
-import torch
 
-from ._checks import as_list, count, counts, whole_number
+from ._checks import as_list, count, counts, text as _check_text
 from .engine import next_token_logits, predict_last
 from .experiments import ExperimentConfig, icl_and_task_vectors, prepare_task, prompt_format, zero_shot_predictions
 from .models import LanguageModel, decode_token
 from .prompts import FORMATS, Pair, PromptSet, get_format, sample_sets, single_token_filter, tokenize
 from .tasks import Task, as_task_list, get_task
-
-
-def _check_text(value, name: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
 
 
 def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2) -> pd.DataFrame:
@@ -41,9 +35,7 @@ def next_token_probs(lm: LanguageModel, text: str, k: int = 10, digits: int = 2)
     softmax differ between CPUs, BLAS libraries and thread counts, and a notebook's stored
     output must not.
     """
-    k = whole_number(k)
-    if k is None or k < 1:
-        raise ValueError(f"k must be a whole number >= 1 (how many tokens to list), got {k!r}.")
+    k = count(k, "k")
     digits = count(digits, "digits", minimum=0)
     _check_text(text, "text")
     probs = next_token_logits(lm, [lm.tokenizer(text).input_ids])[0].softmax(-1)

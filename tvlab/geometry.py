@@ -142,6 +142,9 @@ def embed_2d(bank: TaskVectors, layer: int, method: str = "tsne", seed: int = 0)
     if method == "tsne" and len(x) <= 5:
         raise ValueError(f"t-SNE needs more than 5 vectors, this bank has {len(x)}: collect more (n_per_task) "
                          "or use method='pca'.")
+    distinct = len(np.unique(x, axis=0))
+    if distinct == 1:  # scikit-learn's t-SNE of identical points can crash the kernel (a segmentation fault)
+        raise ValueError(f"every vector at layer {layer} is the same, so there is nothing to lay out: choose another layer.")
     if method == "pca":
         xy = PCA(n_components=2, random_state=seed).fit_transform(x - x.mean(0))
     elif method == "tsne":

@@ -42,6 +42,31 @@ def _with_hidden(output, hidden: torch.Tensor):
     return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
 
+def _whole_position(position) -> int:
+    number = whole_number(position)
+    if number is None:
+        raise ValueError(f"position must be a whole number, counted from the start (0, 1, ...) or from the end of the "
+                         f"prompt (-1: the last token), got {position!r}.")
+    return number
+
+
+def _patched_rows(rows) -> list[int] | torch.Tensor | None:
+    """``rows`` of a patch as a list of ints (one row may be given alone), or None for every row. A tensor
+    of integer rows stays one, on its device (the engine's: read back it would make a GPU wait)."""
+    if rows is None:
+        return None
+    if isinstance(rows, torch.Tensor):
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise ValueError(f"rows must be batch row numbers (whole numbers, e.g. [0, 2]), got a tensor of {rows.dtype}.")
+        return rows.reshape(-1)
+    if whole_number(rows) is not None:
+        rows = [rows]
+    numbers = [whole_number(r) for r in rows] if hasattr(rows, "__iter__") and not isinstance(rows, str) else [None]
+    if not numbers or None in numbers:
+        raise ValueError(f"rows must be batch row numbers (whole numbers, e.g. [0, 2]) or None for every row, got {rows!r}.")
+    return numbers
+
+
 def _check_position(position: int, seq_len: int) -> int:
     if not -seq_len <= position < seq_len:
         raise IndexError(f"position {position} is not in the prompt: this forward pass has {seq_len} tokens "
@@ -70,11 +95,14 @@ class HiddenRecorder:
 @contextlib.contextmanager
 def read_hidden(lm: LanguageModel, layers: Sequence[int] | None = None, position: int = -1) -> Iterator[HiddenRecorder]:
     """Record the output of blocks ``layers`` (default: all) at ``position``, detached."""
+    position = _whole_position(position)
     if layers is None:
         layers = range(lm.n_layers)
     elif whole_number(layers) is not None:
         layers = [layers]  # one layer
     layers = [lm.check_layer(layer) for layer in layers]
+    if not layers:
+        raise ValueError(f"layers is empty: give the blocks to read (0..{lm.n_layers - 1}), or None for all of them.")
     rec = HiddenRecorder(layers)
 
     def make_hook(layer: int):
@@ -105,10 +133,8 @@ def patch_hidden(lm: LanguageModel, layer: int, position: int, value: torch.Tens
     layer = lm.check_layer(layer)
     if mode not in ("replace", "add"):
         raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}.")
-    if whole_number(position) is None:
-        raise ValueError(f"position must be a whole number counted from the end of the prompt (-1: the last token), "
-                         f"got {position!r}.")
-    position = whole_number(position)
+    position = _whole_position(position)
+    rows = _patched_rows(rows)
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value, dtype=torch.float32)  # a NumPy array or a list of numbers
@@ -124,6 +150,9 @@ def patch_hidden(lm: LanguageModel, layer: int, position: int, value: torch.Tens
     def hook(module, args, output):
         h = _hidden_of(output, layer)  # [batch, pos, d_model]
         pos = _check_position(position, h.shape[1])
+        if isinstance(rows, list) and not all(-h.shape[0] <= r < h.shape[0] for r in rows):
+            raise IndexError(f"patch rows {rows} are not all in this batch of {h.shape[0]} prompt(s) "
+                             f"(valid rows {-h.shape[0]}..{h.shape[0] - 1}).")
         idx = torch.arange(h.shape[0], device=h.device) if rows is None else torch.as_tensor(rows, device=h.device)
         if value.ndim == 2 and value.shape[0] != len(idx):
             raise ValueError(f"the patch has {value.shape[0]} vectors but {len(idx)} row(s) are patched: give one vector "

@@ -51,11 +51,29 @@ class PromptFormat:
         if "{x}" not in self.template or not self.template.endswith("{y}") or self.template.index("{x}") > self.template.index("{y}"):
             raise ValueError(f"prompt template {self.template!r} must contain {{x}} and end with {{y}}, e.g. 'example:{{x}}->{{y}}'.")
 
+    def _parts(self) -> tuple[str, str]:
+        """The template's text before ``{x}`` and between ``{x}`` and ``{y}`` (``"example:"``, ``"->"``)."""
+        before, after = self.template.split("{x}", 1)
+        return before, after[: -len("{y}")]
+
     def demo(self, x: str, y: str) -> str:
-        return self.template.replace("{x}", x).replace("{y}", y)
+        before, between = self._parts()  # one substitution: an input that contains "{y}" stays as written
+        return before + x + between + y
 
     def query(self, x: str) -> str:
-        return self.template[: -len("{y}")].replace("{x}", x).rstrip(" ")
+        before, between = self._parts()
+        return (before + x + between).rstrip(" ")
+
+    def ambiguous(self, pairs: Sequence[Pair]) -> list[str]:
+        """The inputs and answers that contain the text joining input to answer (``->`` in the paper's
+        format, or a separator between demonstrations): a model reading such a prompt cannot tell where the
+        input ends."""
+        marks = self.marks()
+        return [text for p in pairs for text in (p.input, *p.answers) if any(m in text for m in marks)]
+
+    def marks(self) -> list[str]:
+        """The text between input and answer, and between demonstrations, that a model reads as structure."""
+        return [m for m in (self._parts()[1].strip(), self.separator.strip()) if m]
 
     def render(self, demos: Sequence[Pair], query: str) -> str:
         """The prompt text: ``prefix``, the demonstrations, then the query line."""

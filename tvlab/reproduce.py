@@ -56,6 +56,7 @@ class MainResults:
     seconds: float = 0.0
     stats: ForwardStats = field(default_factory=ForwardStats)
     resumed: list[str] = field(default_factory=list)
+    tasks: dict[str, str] = field(default_factory=dict)  # name -> task_fingerprint, saved in results.json
 
 
 _SMALL_FILE = 8 << 20  # files up to this size are hashed; larger ones (weights) count by size and mtime
@@ -101,6 +102,12 @@ def _versions() -> dict[str, str]:
     return {"tvlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def task_fingerprint(task: Task) -> str:
+    """A short hash of what makes a task's numbers: its pairs (with every accepted answer) and scoring rule."""
+    pairs = json.dumps([(p.input, p.answers) for p in task.pairs])
+    return hashlib.sha256(f"{task.scoring}\n{pairs}".encode()).hexdigest()[:16]
+
+
 def settings_key(lm: LanguageModel, config: ExperimentConfig, task: Task) -> str:
     """A short hash of everything that changes a task's numbers: model (and its files), dtype, settings,
     the task's pairs and scoring rule, and the versions of tvlab, torch and transformers."""
@@ -124,10 +131,11 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def resolve_tasks(tasks: Sequence[str | Path | Task], scoring: Scoring = "exact") -> list[Task]:
+def resolve_tasks(tasks: Sequence[str | Path | Task], scoring: Scoring | None = None) -> list[Task]:
     """Tasks by name, path or :class:`Task`; every bad name or file and every duplicate in one TaskError.
 
-    ``scoring`` applies to task files; built-in tasks keep their own rule.
+    ``scoring`` applies to task files (None: exact, or the file's own rule, see :func:`tvlab.load_task`);
+    built-in tasks keep their own rule.
     """
     resolved, problems = [], []
     for t in as_task_list(tasks):
@@ -168,7 +176,7 @@ def prepare_tasks(lm: LanguageModel, tasks: Sequence[Task], config: ExperimentCo
 
 
 def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentConfig | None = None,
-             out: str | Path | None = None, progress: bool = True, scoring: Scoring = "exact",
+             out: str | Path | None = None, progress: bool = True, scoring: Scoring | None = None,
              tasks_per_call: int | None = None) -> MainResults:
     """Run :func:`tvlab.run_task` on every task; with ``out``, resume finished tasks.
 
@@ -219,7 +227,8 @@ def run_main(lm: LanguageModel, tasks: Sequence[str | Task], config: ExperimentC
     predictions = pd.concat(frames, ignore_index=True)
     summary = summarize(predictions, ci=True).merge(pd.DataFrame(counts), on="task")
     return MainResults(predictions, summary, layer_accuracy(predictions), category_means(summary),
-                       pd.DataFrame(counts), config, lm.name, time.perf_counter() - start, stats, resumed)
+                       pd.DataFrame(counts), config, lm.name, time.perf_counter() - start, stats, resumed,
+                       {task.name: task_fingerprint(task) for task in resolved})
 
 
 # --------------------------------------------------------------------------- report
@@ -287,7 +296,7 @@ RESULT_FILES = ("main_results.csv", "by_layer.csv", "by_category.csv", "predicti
                 "main_results.png", "accuracy_by_layer.png")
 
 
-def replaces_other_run(out: str | Path, tasks: Sequence[str], config: ExperimentConfig,
+def replaces_other_run(out: str | Path, tasks: Sequence[str | Task], config: ExperimentConfig,
                        model: str | None = None) -> str | None:
     """Why :func:`save` into ``out`` would replace the results of another run, or None.
 
@@ -295,7 +304,8 @@ def replaces_other_run(out: str | Path, tasks: Sequence[str], config: Experiment
     settings (batch size and fast path aside) and all its tasks: every number it held comes back.
     Otherwise (or when the folder holds result files that no readable results.json
     describes) this says what differs, so a caller can stop before any work. ``model``
-    None leaves the model out of the comparison (it is known only once loaded).
+    None leaves the model out of the comparison (it is known only once loaded). A :class:`Task`
+    is compared by its pairs and scoring too: a task file named like an earlier task is another task.
     """
     out = Path(out)
     present = [name for name in RESULT_FILES if (out / name).is_file()]
@@ -313,10 +323,15 @@ def replaces_other_run(out: str | Path, tasks: Sequence[str], config: Experiment
     ours = {k: v for k, v in config.as_dict().items() if k not in ("batch_size", "fast_path")}  # speed, not results
     changed = [f"{k} {earlier_config.get(k)!r}, not {v!r}" for k, v in ours.items() if earlier_config.get(k, v) != v]
     reasons += changed
-    missing = [t for t in earlier_tasks if t not in set(tasks)]
+    names = [t.name if isinstance(t, Task) else t for t in tasks]
+    missing = [t for t in earlier_tasks if t not in set(names)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         reasons.append(f"{len(missing)} of its {len(earlier_tasks)} tasks not in this run ({shown})")
+    prints = earlier.get("task_fingerprints") if isinstance(earlier.get("task_fingerprints"), dict) else {}
+    other = [t.name for t in tasks if isinstance(t, Task) and prints.get(t.name, task_fingerprint(t)) != task_fingerprint(t)]
+    if other:
+        reasons.append(f"other pairs or scoring under the name{'s' if len(other) > 1 else ''} {', '.join(other[:5])}")
     if not reasons:
         return None
     return "it holds the results of another run: " + "; ".join(reasons)
@@ -337,7 +352,8 @@ def save(results: MainResults, out: str | Path) -> list[Path]:
                "paper": paper.CITATION,
                "tasks": json.loads(results.summary.to_json(orient="records")),
                "categories": json.loads(results.categories.to_json(orient="records")),
-               "by_layer": json.loads(results.by_layer.to_json(orient="records"))}
+               "by_layer": json.loads(results.by_layer.to_json(orient="records")),
+               "task_fingerprints": results.tasks}
     _write_atomic(out / "results.json", json.dumps(payload, indent=1))
     written.append(out / "results.json")
     import matplotlib.pyplot as plt

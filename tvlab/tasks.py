@@ -276,6 +276,15 @@ def _json_records(path: Path, text: str) -> list:
     return data
 
 
+def _file_spec(text: str) -> dict:
+    """The keys of a JSON task file written as tvlab's own (``{"task", "category", "pairs", ...}``), else {}."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("pairs"), list) else {}
+
+
 def _merge_multiple_outputs(path: Path, pairs: tuple[Pair, ...]) -> tuple[Pair, ...]:
     """One pair per input that has several outputs: the first is the output, the others are accepted too."""
     answers: dict[str, list[str]] = {}
@@ -326,7 +335,7 @@ def is_task_file(name_or_path: str | Path) -> bool:
     return name not in list_tasks() and (Path(name).suffix != "" or "/" in name or "\\" in name or Path(name).exists())
 
 
-def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exact") -> Task:
+def load_task(path: str | Path, name: str | None = None, scoring: Scoring | None = None) -> Task:
     """Load a user task: a JSON list of ``{"input", "output"}`` objects, a JSON object
     ``{"input": "output", ...}`` (the paper's files), JSON Lines (one object per line), or a CSV
     or TSV table: two columns, or a header row naming the input and output columns among others
@@ -336,6 +345,9 @@ def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exa
 
     An input listed with several outputs is kept once, with every output accepted (a
     UserWarning names such inputs). ``scoring="prefix"`` scores like the paper's knowledge tasks.
+    A JSON file in tvlab's own format (``{"task": ..., "category": ..., "pairs": [...]}``, as in
+    tvlab's ``data/``) keeps its category, description and source, and a knowledge task its prefix
+    scoring (``scoring=None``: the file's rule, else exact); the name is still the file's.
 
     >>> from pathlib import Path
     >>> _ = Path("antonyms_fr.json").write_text('[{"input": "chaud", "output": "froid"}, {"input": "grand", "output": "petit"}]')
@@ -355,17 +367,22 @@ def load_task(path: str | Path, name: str | None = None, scoring: Scoring = "exa
         raise TaskError(f"{str(path)!r} is not a task file tvlab reads: it reads .json (a list of {{\"input\", "
                         "\"output\"} objects, or {\"input\": \"output\", ...}), .jsonl (one object per line), "
                         ".csv and .tsv (input and output columns). Save it as one of these.")
-    if scoring not in ("exact", "prefix"):
+    if scoring not in ("exact", "prefix", None):
         raise TaskError(f"unknown scoring rule {scoring!r}; choose 'exact' or 'prefix'.")
     name = name or path.stem
     text = _read_text(path)
+    spec = _file_spec(text) if suffix == ".json" else {}
+    category = spec.get("category") if spec.get("category") in CATEGORIES else "custom"
+    scoring = scoring or ("prefix" if category == "knowledge" else "exact")
     records = (_table_records(path, text, "," if suffix == ".csv" else "\t") if suffix in (".csv", ".tsv")
                else _jsonl_records(path, text) if suffix == ".jsonl" else _json_records(path, text))
     pairs = _pairs_from_records(records, str(path))
     if not pairs:
         raise TaskError(f"{path} holds no pairs.")
-    return Task(name=name, category="custom", pairs=_merge_multiple_outputs(path, pairs), scoring=scoring,
-                description=f"user task from {path.name}", source=str(path))
+    description = spec.get("description") if isinstance(spec.get("description"), str) else ""
+    origin = spec.get("source") if isinstance(spec.get("source"), str) and spec.get("source") else str(path)
+    return Task(name=name, category=category, pairs=_merge_multiple_outputs(path, pairs), scoring=scoring,
+                description=description or f"user task from {path.name}", source=origin)
 
 
 # --------------------------------------------------------------------------- algorithmic tasks
