@@ -40,6 +40,7 @@ import collections
 import contextlib
 import copy
 import inspect
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -468,13 +469,14 @@ def _check_prompts(lm: LanguageModel, prompts) -> int:
         raise ValueError("prompts is a list of prompts, each a list of token ids: wrap one prompt as [ids].")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt has no tokens.")
-    for p in prompts:
-        if isinstance(p, torch.Tensor) and (p.dtype.is_floating_point or p.dtype.is_complex):
-            raise ValueError(f"token ids must be whole numbers, got a tensor of {p.dtype}: tokenize with lm.tokenizer.")
-        if not isinstance(p, torch.Tensor) and not all(type(t) is int for t in p):  # the common case, fast
-            bad = next((t for t in p if whole_number(t) is None), None)
-            if bad is not None:
-                raise ValueError(f"token ids must be whole numbers, got {bad!r}: tokenize with lm.tokenizer.")
+    floats = next((p for p in prompts if isinstance(p, torch.Tensor) and (p.dtype.is_floating_point or p.dtype.is_complex)), None)
+    if floats is not None:
+        raise ValueError(f"token ids must be whole numbers, got a tensor of {floats.dtype}: tokenize with lm.tokenizer.")
+    lists = [p for p in prompts if not isinstance(p, torch.Tensor)]
+    if not set(map(type, itertools.chain.from_iterable(lists))) <= {int}:  # Python ints, the common case: one fast pass
+        bad = next((t for p in lists for t in p if whole_number(t) is None), None)
+        if bad is not None:
+            raise ValueError(f"token ids must be whole numbers, got {bad!r}: tokenize with lm.tokenizer.")
     vocab = getattr(lm.model.get_input_embeddings(), "num_embeddings", None) if lm.backend is None else None
     low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
     if low < 0 or (vocab is not None and high >= vocab):

@@ -264,25 +264,19 @@ def _mapping_records(path: Path, mapping: dict) -> list[dict]:
     return records
 
 
-def _json_records(path: Path, text: str) -> list:
+def _json_data(path: Path, text: str):
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise TaskError(f"{path} is not valid JSON ({e}). A task file is a JSON list of "
                         "{\"input\": ..., \"output\": ...} objects, a JSON object {\"input\": \"output\", ...}, "
                         "or a two-column CSV.") from None
+
+
+def _json_records(path: Path, data) -> list:
     if isinstance(data, dict):
         return data["pairs"] if "pairs" in data else _mapping_records(path, data)
     return data
-
-
-def _file_spec(text: str) -> dict:
-    """The keys of a JSON task file written as tvlab's own (``{"task", "category", "pairs", ...}``), else {}."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) and isinstance(data.get("pairs"), list) else {}
 
 
 def _merge_multiple_outputs(path: Path, pairs: tuple[Pair, ...]) -> tuple[Pair, ...]:
@@ -371,11 +365,13 @@ def load_task(path: str | Path, name: str | None = None, scoring: Scoring | None
         raise TaskError(f"unknown scoring rule {scoring!r}; choose 'exact' or 'prefix'.")
     name = name or path.stem
     text = _read_text(path)
-    spec = _file_spec(text) if suffix == ".json" else {}
+    data = _json_data(path, text) if suffix == ".json" else None
+    # tvlab's own format ({"task", "category", "pairs", ...}, as in its data/): keep what the file says of itself
+    spec = data if isinstance(data, dict) and isinstance(data.get("pairs"), list) else {}
     category = spec.get("category") if spec.get("category") in CATEGORIES else "custom"
     scoring = scoring or ("prefix" if category == "knowledge" else "exact")
     records = (_table_records(path, text, "," if suffix == ".csv" else "\t") if suffix in (".csv", ".tsv")
-               else _jsonl_records(path, text) if suffix == ".jsonl" else _json_records(path, text))
+               else _jsonl_records(path, text) if suffix == ".jsonl" else _json_records(path, data))
     pairs = _pairs_from_records(records, str(path))
     if not pairs:
         raise TaskError(f"{path} holds no pairs.")
