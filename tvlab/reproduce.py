@@ -112,8 +112,7 @@ def settings_key(lm: LanguageModel, config: ExperimentConfig, task: Task) -> str
     """A short hash of everything that changes a task's numbers: model (and its files), dtype, settings,
     the task's pairs and scoring rule, and the versions of tvlab, torch and transformers."""
     spec = {"model": lm.name, "weights": model_fingerprint(lm), "dtype": str(lm.dtype), "config": config.as_dict(),
-            "task": task.name, "scoring": task.scoring, "versions": _versions(),
-            "pairs": hashlib.sha256(json.dumps([(p.input, p.answers) for p in task.pairs]).encode()).hexdigest()}
+            "task": task.name, "pairs_and_scoring": task_fingerprint(task), "versions": _versions()}
     for speed_only in ("batch_size", "fast_path"):  # they change how fast, not what is predicted
         spec["config"].pop(speed_only)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
