@@ -50,6 +50,7 @@ def test_layer_sweep_shares_all_but_the_last_token(tiny):
     plain = predict_last_plain(tiny, [ids] * tiny.n_layers, patches=patches)
     assert torch.equal(fast.top_ids, plain.top_ids)
     assert stats.tokens == len(ids) - 1 + tiny.n_layers  # the prefix once, then one token per layer
+    assert stats.skipped == tiny.n_layers  # one pass on a tiny model: each row skips block 0 (the row patched there)
     assert stats.logit_rows == tiny.n_layers  # the prefix pass only fills the cache: no logits
 
 
@@ -397,6 +398,136 @@ def test_length_parts_minimise_the_cost_of_every_cut():
         assert cost(parts, lengths, overhead) == pytest.approx(best)
     assert _length_parts([2, 2, 3, 9], 1e9) == [[0, 1, 2, 3]]  # passes dearer than any padding: one pass
     assert _length_parts([3, 1, 3, 2], 0.0) == [[1], [3], [0, 2]]  # free passes: one per length
+
+
+def test_depth_parts_minimise_the_cost_of_every_cut():
+    """The dynamic program against every way of cutting the sorted distinct skips into ranges."""
+    import itertools
+
+    from tvlab.engine import _depth_parts
+
+    def cost(parts, widths, n_layers, overhead):
+        return sum(overhead * n_layers + len(rows) * max(widths[r] for r in rows) * (n_layers - skip)
+                   for rows, skip in parts)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        skips = torch.randint(0, 7, (n,), generator=g).tolist()
+        widths = [1 if s else int(torch.randint(1, 4, (1,), generator=g)) for s in skips]
+        rows = sorted(torch.randperm(n, generator=g)[:max(1, n - 3)].tolist())
+        overhead = [0.0, 0.5, 2.0, 10.0, 1e9][trial % 5]
+        parts = _depth_parts(rows, skips, widths, 6, overhead)
+        assert sorted(r for part, _ in parts for r in part) == rows  # every row once
+        assert all(part == sorted(part) and skip == min(skips[r] for r in part) for part, skip in parts)
+        distinct = sorted({skips[r] for r in rows}, reverse=True)
+        best = float("inf")
+        for m in range(len(distinct)):
+            for cuts in itertools.combinations(range(1, len(distinct)), m):
+                edges = [0, *cuts, len(distinct)]
+                spans = [distinct[a:b] for a, b in zip(edges, edges[1:])]
+                cut = [([r for r in rows if skips[r] in span], min(span)) for span in spans]
+                best = min(best, cost(cut, widths, 6, overhead))
+        assert cost(parts, widths, 6, overhead) == pytest.approx(best)
+    assert _depth_parts([0, 1, 2], [3, 1, 0], [1, 1, 2], 4, 1e9) == [([0, 1, 2], 0)]  # dear passes: one
+    assert _depth_parts([0, 1, 2], [3, 1, 3], [1, 1, 1], 4, 0.0) == [([0, 2], 3), ([1], 1)]  # free: one per depth
+
+
+def _sweep_prompts(lm, n_queries=3, seed=0):
+    """Zero-shot prompts, each once per layer patched there (a layer sweep), plus per query one copy patched at two
+    layers (its deepest patch decides) and one copy two tokens longer (which skips nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, groups, patches = [], [], []
+    for k, q in enumerate(tvlab.get_task("antonyms").pairs[:n_queries]):
+        ids = tokenize(lm.tokenizer, FORMATS["paper"], (), q.input).ids
+        for layer in range(lm.n_layers):
+            prompts.append(ids)
+            patches.append((layer, torch.randn(lm.d_model, generator=g) * 3))
+        prompts.append(ids)
+        patches.append([(lm.n_layers - 1, torch.randn(lm.d_model, generator=g)), (0, torch.randn(lm.d_model, generator=g))])
+        prompts.append(ids + ids[-2:])
+        patches.append((1, torch.randn(lm.d_model, generator=g) * 3))
+        groups += [k] * (lm.n_layers + 2)
+    return prompts, groups, patches
+
+
+@pytest.mark.parametrize("model_type", [f for f in tvlab.models.FAMILIES if f != "gemma3"])
+def test_a_sweep_skipping_the_blocks_before_each_patch_equals_the_plain_path(model_type, monkeypatch):
+    """A one-token suffix replaced at layer L runs blocks L+1.. only: one pass per depth when passes are free,
+    the same predictions and logits as the plain path, and every family's blocks handed back afterwards."""
+    lm = tvlab.tiny_model(model_type)
+    prompts, groups, patches = _sweep_prompts(lm)
+    predict = [i % 7 != 3 for i in range(len(prompts))]
+    plain = predict_last_plain(lm, prompts, patches=patches, predict=predict)
+    plain_logits = torch.stack([engine.next_token_logits(lm, [p], patches=[q])[0] for p, q in zip(prompts, patches)])
+    monkeypatch.setattr(engine, "PASS_OVERHEAD_FLOP", 0.0)
+    for logits in (False, True):
+        stats = ForwardStats()
+        fast = predict_last(lm, prompts, groups=groups, patches=patches, predict=predict, logits=logits, stats=stats)
+        assert torch.equal(fast.top_ids, plain.top_ids)
+        if logits:
+            wanted = torch.tensor(predict)
+            torch.testing.assert_close(fast.logits[wanted], plain_logits[wanted], atol=1e-4, rtol=1e-4)
+        # each sweep row skips its layer + 1 blocks, the row patched at two layers all n; the longer prompt none
+        n = lm.n_layers
+        assert stats.skipped == 3 * (n * (n + 1) // 2 + n)
+        assert stats.forwards == 1 + n + 1  # the prefixes, one pass per depth 1..n, the two-token suffixes
+        assert stats.flops(lm) == pytest.approx(2.0 * engine.block_params(lm) * (stats.tokens - stats.skipped / n)
+                                                + 2.0 * lm.unembed.weight.numel() * stats.logit_rows)
+    assert all("forward" not in block.__dict__ for block in lm.blocks)
+
+
+def test_nothing_is_skipped_where_the_states_before_a_patch_are_needed(tiny, monkeypatch):
+    """Adding to a state needs it, reading needs every layer, and a block whose output is not a bare tensor
+    (older transformers returned tuples) cannot be handed on: the same answers, every block run."""
+    prompts, groups, patches = _sweep_prompts(tiny)
+    monkeypatch.setattr(engine, "PASS_OVERHEAD_FLOP", 0.0)
+    for kwargs in ({"mode": "add"}, {"read": True}):
+        stats = ForwardStats()
+        fast = predict_last(tiny, prompts, groups=groups, patches=patches, stats=stats, **kwargs)
+        plain = predict_last_plain(tiny, prompts, patches=patches, **kwargs)
+        assert torch.equal(fast.top_ids, plain.top_ids) and stats.skipped == 0
+        if kwargs.get("read"):
+            torch.testing.assert_close(fast.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+
+    class Marked(torch.Tensor):
+        pass
+
+    # In one pass: a prefix cache of Marked tensors cannot be copied for a second.
+    sweep = [i for i, p in enumerate(prompts) if len(p) == len(prompts[0])]
+    prompts, groups, patches = ([x[i] for i in sweep] for x in (prompts, groups, patches))
+    monkeypatch.setattr(engine, "PASS_OVERHEAD_FLOP", 1e30)
+    plain = predict_last_plain(tiny, prompts, patches=patches)
+    for marked in (False, True):
+        wrapped = tiny.blocks[0].register_forward_hook(lambda module, args, output: output.as_subclass(Marked)
+                                                       if marked else output)
+        try:
+            stats = ForwardStats()
+            fast = predict_last(tiny, prompts, groups=groups, patches=patches, stats=stats)
+        finally:
+            wrapped.remove()
+        assert torch.equal(fast.top_ids, plain.top_ids) and stats.skipped == (0 if marked else len(prompts))
+
+
+def test_a_blocks_own_instance_forward_comes_back_after_skipping(tiny, monkeypatch):
+    """accelerate (device_map, offloading) wraps a block's forward on the instance: skipping restores that wrapper."""
+    monkeypatch.setattr(engine, "PASS_OVERHEAD_FLOP", 0.0)
+    block = tiny.blocks[0]
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return type(block).forward(block, *args, **kwargs)
+
+    block.forward = wrapper
+    try:
+        prompts, groups, patches = _sweep_prompts(tiny, n_queries=1)
+        stats = ForwardStats()
+        fast = predict_last(tiny, prompts, groups=groups, patches=patches, stats=stats)
+        assert stats.skipped > 0 and block.__dict__["forward"] is wrapper and calls
+        assert torch.equal(fast.top_ids, predict_last_plain(tiny, prompts, patches=patches).top_ids)
+    finally:
+        del block.forward
 
 
 def _mixed_length_prompts(lm, seed=0):

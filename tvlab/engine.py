@@ -27,7 +27,8 @@ nothing shared) on tiny models in ``tests/test_engine.py``:
    prefix, which runs once; its key/value cache is then copied to each prompt, and only
    the remaining tokens run. A set's ICL prompt and its dummy-query prompts share the
    demonstrations; a layer sweep (the same zero-shot prompt patched at each layer) shares
-   everything but the last token, so each extra layer costs one token, not a prompt.
+   everything but the last token, so each extra layer costs one token, not a prompt; and since
+   that token's state is overwritten at its layer L, it runs blocks L+1.. only (:func:`_row_skip`).
    The suffixes are left-padded after the prefix, so a batch can hold padding in the middle
    of a row. Attention over all earlier tokens does not care, but a sliding attention window
    (Gemma 2/3, Mistral) counts cache slots, padding included: a batch whose padded width
@@ -64,11 +65,13 @@ class ForwardStats:
     logit_rows: int = 0      # positions whose full-vocabulary logits were computed
     forwards: int = 0        # calls of the model's forward
     largest_batch: int = 0   # the most prompts a forward pass was allowed (batch_size, or the prompts of a call)
+    skipped: int = 0         # (token, block) pairs not run: a patched token's blocks before its patch (engine._row_skip)
 
     def flops(self, lm: LanguageModel) -> float:
-        """Forward FLOPs: 2 per weight per token in the blocks, plus 2 per unembedding weight per logit row.
-        Attention-score FLOPs are left out (they are small for prompts this short)."""
-        return 2.0 * block_params(lm) * self.tokens + 2.0 * lm.unembed.weight.numel() * self.logit_rows
+        """Forward FLOPs: 2 per weight per token in the blocks it ran, plus 2 per unembedding weight per logit
+        row. Attention-score FLOPs are left out (they are small for prompts this short)."""
+        block_tokens = self.tokens - self.skipped / max(lm.n_layers, 1)
+        return 2.0 * block_params(lm) * block_tokens + 2.0 * lm.unembed.weight.numel() * self.logit_rows
 
 
 def block_params(lm: LanguageModel) -> int:
@@ -258,6 +261,70 @@ def _length_parts(lengths: Sequence[int], overhead_tokens: float) -> list[list[i
     return [[r for r, length in enumerate(lengths) if low <= length <= high] for low, high in reversed(bounds)]
 
 
+def _row_skip(patch: RowPatch, suffix_len: int) -> int:
+    """How many leading blocks a suffix need not run: all up to its deepest patch, when that patch replaces
+    the state of its only token. Blocks 0..L of a one-token suffix patched at L (``mode="replace"``) compute
+    a state the patch overwrites; the key/value cache they would add is read by that token alone, at those
+    same blocks. So the row runs blocks L+1.. on the prefix cache, from the patched state (a layer sweep's
+    row patched at block L of n: n - L - 1 blocks instead of n). The caller checks the mode and that
+    nothing is read.
+    """
+    triples = _row_patches(patch)
+    if suffix_len != 1 or not triples or any(position != -1 for _, _, position in triples):
+        return 0
+    return 1 + max(layer for layer, _, _ in triples)
+
+
+def _depth_parts(rows: Sequence[int], skips: Sequence[int], widths: Sequence[int], n_layers: int,
+                 overhead_tokens: float) -> list[tuple[list[int], int]]:
+    """``rows`` cut into passes by the leading blocks they may skip (:func:`_row_skip`), each with the blocks it
+    skips (the fewest of its rows), to minimise the sum over passes of ``overhead_tokens x n_layers + rows x
+    width x blocks run``: a dynamic program over the distinct skips, deepest first. One part when nothing is saved.
+    """
+    by_skip: dict[int, list[int]] = {}
+    for r in rows:
+        by_skip.setdefault(skips[r], []).append(r)
+    distinct = sorted(by_skip, reverse=True)
+    k = len(distinct)
+    best, start = [0.0] + [float("inf")] * k, [0] * (k + 1)  # best[j]: the j deepest skips' cost; start: its last pass
+    for j in range(1, k + 1):
+        n_rows, width = 0, 0
+        for i in range(j, 0, -1):  # the last pass runs distinct[i-1 .. j-1] and skips distinct[j-1] blocks
+            group = by_skip[distinct[i - 1]]
+            n_rows += len(group)
+            width = max(width, max(widths[r] for r in group))
+            cost = best[i - 1] + overhead_tokens * n_layers + n_rows * width * (n_layers - distinct[j - 1])
+            if cost < best[j]:
+                best[j], start[j] = cost, i - 1
+    parts, j = [], k
+    while j > 0:
+        chosen = set(distinct[start[j]:j])
+        parts.append(([r for r in rows if skips[r] in chosen], distinct[j - 1]))
+        j = start[j]
+    return parts[::-1]
+
+
+@contextlib.contextmanager
+def _skipping(lm: LanguageModel, n_blocks: int):
+    """Blocks ``0..n_blocks-1`` hand their input on unchanged (and add nothing to the cache); their hooks still run."""
+    blocks = list(lm.blocks)[:n_blocks]
+    saved = [block.__dict__.get("forward") for block in blocks]  # an instance forward (accelerate's hooks) comes back
+    for block in blocks:
+        block.forward = _hand_on
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _hand_on(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @dataclass
 class _Pass:
     """One suffix pass's inputs, built on the host and already copied to the device."""
@@ -270,9 +337,11 @@ class _Pass:
     sites: list                      # _patch_sites of its rows
     wanted: torch.Tensor             # [rows] bool, on the host: the rows that get the unembedding
     keep: torch.Tensor | None        # the wanted rows' indices on the device, when not all are wanted
+    skip: int = 0                    # leading blocks it does not run (:func:`_row_skip`)
 
 
-def _plan_pass(lm: LanguageModel, rows: list[int], suffixes, owner, prefixes, p_mask, patches, predict) -> _Pass:
+def _plan_pass(lm: LanguageModel, rows: list[int], suffixes, owner, prefixes, p_mask, patches, predict,
+               skip: int = 0) -> _Pass:
     device = lm.device
     s_ids, s_mask = _left_pad([suffixes[i] for i in rows], lm.tokenizer.pad_token_id)
     owners = [owner[i] for i in rows]
@@ -285,7 +354,8 @@ def _plan_pass(lm: LanguageModel, rows: list[int], suffixes, owner, prefixes, p_
     n_wanted = int(wanted.sum())
     keep = wanted.nonzero().squeeze(1).to(device) if 0 < n_wanted < len(rows) else None
     return _Pass(rows, sum(len(suffixes[i]) for i in rows), s_ids.to(device), mask.to(device), s_pos.to(device),
-                 None if owner_t is None else owner_t.to(device), _patch_sites(lm, [patches[i] for i in rows]), wanted, keep)
+                 None if owner_t is None else owner_t.to(device), _patch_sites(lm, [patches[i] for i in rows]), wanted, keep,
+                 skip)
 
 
 @torch.inference_mode()
@@ -311,16 +381,32 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
         p_ids, p_mask = _left_pad(prefixes, pad)
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
         p_ids, p_pos, p_mask_d = (t.to(device) for t in (p_ids, p_pos, p_mask))
-    parts = [list(range(len(suffixes)))]
-    if lm.device.type == "cpu":
-        parts = _length_parts([len(s) for s in suffixes], PASS_OVERHEAD_FLOP / (2.0 * block_params(lm)))
-    passes = [_plan_pass(lm, rows, suffixes, owner, prefixes, p_mask, patches, predict) for rows in parts]
+    cpu = lm.device.type == "cpu"
+    overhead = PASS_OVERHEAD_FLOP / (2.0 * block_params(lm))
+    widths = [len(s) for s in suffixes]
+    parts = _length_parts(widths, overhead) if cpu else [list(range(len(suffixes)))]
+    plans = [(rows, 0) for rows in parts]
+    if shared and mode == "replace" and not read:  # one-token suffixes patched at layer L need no blocks 0..L
+        skips = [_row_skip(patch, width) for patch, width in zip(patches, widths)]
+        if any(skips):  # on a CPU in passes by depth where that saves work; a GPU keeps one pass (rule 7)
+            plans = [plan for rows in parts for plan in
+                     (_depth_parts(rows, skips, widths, lm.n_layers, overhead) if cpu
+                      else [(rows, min(skips[r] for r in rows))])]
+    passes = [_plan_pass(lm, rows, suffixes, owner, prefixes, p_mask, patches, predict, skip) for rows, skip in plans]
     sliced = pending is not None and not logits and slices_unembedding(lm)
     cache = None
     if shared:
         # No logits: the prefix only fills the cache (an empty index keeps no position for the unembedding).
-        out = lm.model(input_ids=p_ids, attention_mask=p_mask_d, position_ids=p_pos, use_cache=True,
-                       logits_to_keep=_NO_LOGITS)
+        returns = []  # a block may be skipped only where the model's loop takes a bare tensor from it
+        probe = lm.blocks[0].register_forward_hook(lambda module, args, output: returns.append(type(output)))
+        try:
+            out = lm.model(input_ids=p_ids, attention_mask=p_mask_d, position_ids=p_pos, use_cache=True,
+                           logits_to_keep=_NO_LOGITS)
+        finally:
+            probe.remove()
+        if returns != [torch.Tensor]:
+            for p in passes:
+                p.skip = 0
         cache = _cache_of(out)
         stats.forwards += 1
         stats.tokens += int(sum(len(p) for p in prefixes))
@@ -359,12 +445,15 @@ def _run_suffixes(lm: LanguageModel, p: _Pass, cache, read: bool, stats: Forward
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(read_hidden(lm, position=read_position)) if read else None
         stack.enter_context(_patches(lm, p.sites, mode))
+        if p.skip:
+            stack.enter_context(_skipping(lm, p.skip))
         if p.keep is not None or taken is not None:
             stack.enter_context(_unembed_input(lm, p.keep, taken))
         out = lm.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, use_cache=cache is not None,
                        logits_to_keep=1 if n_wanted else _NO_LOGITS, **_cache_arg(lm, cache))
     stats.forwards += 1
     stats.tokens += p.tokens
+    stats.skipped += p.tokens * p.skip
     stats.logit_rows += n_wanted
     hidden = rec.hidden.float().cpu() if read else None
     if not n_wanted:
