@@ -404,9 +404,8 @@ def _run_chunk(lm: LanguageModel, prefixes: list[tuple[int, ...]], suffixes: lis
                            logits_to_keep=_NO_LOGITS)
         finally:
             probe.remove()
-        if returns != [torch.Tensor]:
-            for p in passes:
-                p.skip = 0
+        if returns != [torch.Tensor] and any(p.skip for p in passes):  # every block runs, in the passes by length
+            passes = [_plan_pass(lm, rows, suffixes, owner, prefixes, p_mask, patches, predict) for rows in parts]
         cache = _cache_of(out)
         stats.forwards += 1
         stats.tokens += int(sum(len(p) for p in prefixes))
